@@ -1,0 +1,180 @@
+//! `nnscope`: run traces, print sources, check and discover attention-probability hookpoints.
+
+use candle_core::{DType, Device, Tensor};
+use clap::{Parser, Subcommand};
+use nnscope::{Input, LoadOptions, Model};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "nnscope", version, about = "Read and overwrite what happens inside transformer language models")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a traced forward and save hookpoint values to a safetensors file.
+    Run {
+        /// Model folder or hub id (from the local cache).
+        model: String,
+        /// A prompt (repeat for a left-padded batch).
+        #[arg(long = "prompt", conflicts_with = "inputs")]
+        prompts: Vec<String>,
+        /// A safetensors file with `input_ids` (I64 [B, T]) and optionally `attention_mask`.
+        #[arg(long)]
+        inputs: Option<PathBuf>,
+        /// A standard name or hookpoint path to save; `*` in place of a layer index means every layer.
+        #[arg(long = "save")]
+        saves: Vec<String>,
+        /// Output safetensors file (tensors written as float32 under the names as given).
+        #[arg(long)]
+        out: PathBuf,
+        /// Compute dtype: float32, bfloat16 or float16.
+        #[arg(long, default_value = "float32")]
+        dtype: String,
+    },
+    /// Print the source listing of a module's forward or of a nested call, with its hookpoints.
+    Source {
+        /// Model folder or hub id.
+        model: String,
+        /// Module or call path (`attentions.0`, `attentions.0.source.attention_interface_0`).
+        path: String,
+    },
+}
+
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    match s {
+        "float32" | "f32" | "fp32" => Ok(DType::F32),
+        "bfloat16" | "bf16" => Ok(DType::BF16),
+        "float16" | "f16" | "fp16" | "half" => Ok(DType::F16),
+        other => Err(format!("unknown --dtype `{other}`; use float32, bfloat16 or float16")),
+    }
+}
+
+fn load(model: &str, dtype: DType) -> Result<Model, String> {
+    let opts = LoadOptions {
+        dtype,
+        device: Device::Cpu,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        ..Default::default()
+    };
+    Model::load(model, &opts).map_err(|e| e.to_string())
+}
+
+/// `layers_output.*` -> `layers_output.0`, `layers_output.1`, ...
+fn expand_stars(name: &str, num_layers: usize) -> Vec<String> {
+    if name.split('.').any(|p| p == "*") {
+        (0..num_layers)
+            .map(|i| name.split('.').map(|p| if p == "*" { i.to_string() } else { p.to_string() }).collect::<Vec<_>>().join("."))
+            .collect()
+    } else {
+        vec![name.to_string()]
+    }
+}
+
+fn read_inputs(path: &Path) -> Result<Input, String> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| format!("{}: {e}", path.display()))?;
+    let ids = tensors
+        .get("input_ids")
+        .ok_or_else(|| format!("{}: no tensor `input_ids`", path.display()))?
+        .clone();
+    let mask = tensors.get("attention_mask").cloned();
+    Ok(Input::Ids {
+        input_ids: ids,
+        attention_mask: mask,
+    })
+}
+
+/// Writes to a temporary file beside `out` and renames it, so a failure leaves nothing partial.
+fn write_atomic(tensors: &HashMap<String, Tensor>, out: &Path) -> Result<(), String> {
+    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(format!("{}: the output folder {} does not exist", out.display(), dir.display()));
+    }
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        out.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into()),
+        std::process::id()
+    ));
+    let r = candle_core::safetensors::save(tensors, &tmp).map_err(|e| format!("{}: {e}", out.display()));
+    if let Err(e) = r {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, out).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("{}: {e}", out.display())
+    })
+}
+
+fn run(
+    model: &str,
+    prompts: Vec<String>,
+    inputs: Option<PathBuf>,
+    saves: Vec<String>,
+    out: PathBuf,
+    dtype: &str,
+) -> Result<(), String> {
+    let dtype = parse_dtype(dtype)?;
+    let input = match (inputs, prompts.is_empty()) {
+        (Some(p), _) => read_inputs(&p)?,
+        (None, false) => Input::Prompts(prompts),
+        (None, true) => return Err("give --prompt TEXT or --inputs IDS.safetensors".into()),
+    };
+    let m = load(model, dtype)?;
+    let names: Vec<String> = saves.iter().flat_map(|s| expand_stars(s, m.num_layers())).collect();
+    let mut trace = m.trace(input);
+    let mut derived = Vec::new();
+    for n in &names {
+        if n == "next_token_probs" {
+            derived.push(n.clone());
+            continue;
+        }
+        trace = trace.save(n).map_err(|e| e.to_string())?;
+    }
+    let res = trace.run().map_err(|e| e.to_string())?;
+    let mut tensors = HashMap::new();
+    for n in &names {
+        let t = if derived.contains(n) {
+            res.next_token_probs().map_err(|e| e.to_string())?
+        } else {
+            res.get(n).map_err(|e| e.to_string())?.clone()
+        };
+        let t = t.to_dtype(DType::F32).and_then(|t| t.contiguous()).map_err(|e| e.to_string())?;
+        tensors.insert(n.clone(), t);
+    }
+    write_atomic(&tensors, &out)
+}
+
+fn source(model: &str, path: &str) -> Result<(), String> {
+    let m = load(model, DType::F32)?;
+    let info = nnscope::trace::path::resolve_function(&m, path).map_err(|e| e.to_string())?;
+    println!("{}  ({}:{})", info.name, info.file, info.first_line);
+    print!("{}", nnscope::trace::listing(info, None));
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Run {
+            model,
+            prompts,
+            inputs,
+            saves,
+            out,
+            dtype,
+        } => run(&model, prompts, inputs, saves, out, &dtype),
+        Cmd::Source { model, path } => source(&model, &path),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", e.replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}

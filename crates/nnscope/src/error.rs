@@ -1,0 +1,142 @@
+//! The library's error type: every variant names the file, key, tensor, hookpoint or shape at fault.
+
+use std::path::PathBuf;
+
+/// Errors of nnscope.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A model could not be found.
+    #[error("model `{model}` not found: {msg}")]
+    ModelNotFound {
+        /// What the user gave.
+        model: String,
+        /// Where we looked.
+        msg: String,
+    },
+    /// config.json is unusable.
+    #[error("config {path}: {msg}")]
+    Config {
+        /// config.json.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// Weights are unusable.
+    #[error("weights {path}: {msg}")]
+    Weights {
+        /// The safetensors file (or index).
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// The tokenizer is missing or unusable.
+    #[error("tokenizer {path}: {msg}")]
+    Tokenizer {
+        /// tokenizer.json.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// Model inputs are unusable.
+    #[error("input: {0}")]
+    Input(String),
+    /// A hookpoint path does not resolve or cannot be used that way.
+    #[error("hookpoint `{path}`: {msg}{}", crate::error::suggest(.suggestions))]
+    Hookpoint {
+        /// The path as given.
+        path: String,
+        /// What is wrong.
+        msg: String,
+        /// Nearest valid names.
+        suggestions: Vec<String>,
+    },
+    /// An edit or replacement has the wrong shape.
+    #[error("hookpoint `{path}`: new value has shape {got:?}, expected {expected:?}")]
+    ShapeMismatch {
+        /// The hookpoint.
+        path: String,
+        /// Shape of the original value.
+        expected: Vec<usize>,
+        /// Shape given.
+        got: Vec<usize>,
+    },
+    /// An edit or replacement has the wrong dtype.
+    #[error("hookpoint `{path}`: new value has dtype {got}, expected {expected}")]
+    DTypeMismatch {
+        /// The hookpoint.
+        path: String,
+        /// The original dtype.
+        expected: String,
+        /// The dtype given.
+        got: String,
+    },
+    /// An edit produced NaN or infinity (only checked when asked for).
+    #[error("hookpoint `{path}`: the edit produced NaN or infinity")]
+    NonFinite {
+        /// The hookpoint.
+        path: String,
+    },
+    /// An edit function failed.
+    #[error("hookpoint `{path}`: the edit failed: {msg}")]
+    Edit {
+        /// The hookpoint.
+        path: String,
+        /// The edit's error.
+        msg: String,
+    },
+    /// A tensor operation failed.
+    #[error("{0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+pub(crate) fn suggest(s: &[String]) -> String {
+    if s.is_empty() {
+        String::new()
+    } else {
+        format!("; did you mean {}?", s.iter().map(|x| format!("`{x}`")).collect::<Vec<_>>().join(", "))
+    }
+}
+
+/// Result with nnscope's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Names from `candidates` closest to `name` (edit distance), best first, at most `n`.
+pub fn nearest<'a, I: IntoIterator<Item = &'a str>>(name: &str, candidates: I, n: usize) -> Vec<String> {
+    let mut scored: Vec<(usize, &str)> = candidates
+        .into_iter()
+        .map(|c| (strsim_distance(name, c), c))
+        .collect();
+    scored.sort();
+    scored.dedup_by(|a, b| a.1 == b.1);
+    let limit = (name.len() / 2).max(3);
+    scored
+        .into_iter()
+        .filter(|(d, _)| *d <= limit)
+        .take(n)
+        .map(|(_, c)| c.to_string())
+        .collect()
+}
+
+/// Levenshtein distance.
+fn strsim_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for i in 1..=a.len() {
+        let mut cur = vec![i; b.len() + 1];
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            cur[j] = (prev[j] + 1).min(cur[j - 1] + 1).min(prev[j - 1] + cost);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}

@@ -1,0 +1,44 @@
+//! # nnscope
+//!
+//! Mechanistic interpretability for transformer language models, natively in Rust on candle.
+//!
+//! - Loads Hugging Face checkpoints ([`hub`]) and runs them with transformers' numerics ([`models`]).
+//! - Every call inside a model's forward is a hookpoint named as nnsight names `.source` operations
+//!   (`attention_interface_0`, `nn_functional_dropout_0`, ...), which a [`Trace`] can save, replace or
+//!   edit ([`trace`]).
+//! - Standard names on every architecture (`layers_output.3`, `attention_probabilities.0`, ...)
+//!   ([`standard`]).
+//!
+//! ```no_run
+//! use nnscope::{Model, Input};
+//! let model = Model::load("tests/fixtures/llama", &Default::default())?;
+//! let out = model
+//!     .trace(Input::prompts(&["The quick brown fox"]))
+//!     .save("attention_probabilities.0")?
+//!     .run()?;
+//! println!("{:?}", out.get("attention_probabilities.0")?.dims());
+//! # Ok::<(), nnscope::Error>(())
+//! ```
+
+// The instrumentation macro emits `::nnscope::...` paths; this makes them resolve inside this crate.
+extern crate self as nnscope;
+
+pub mod config;
+mod error;
+pub mod hub;
+mod model;
+pub mod models;
+pub mod nn;
+pub mod standard;
+pub mod trace;
+
+pub use error::{nearest, Error, Result};
+pub use model::{Input, LoadOptions, Model};
+pub use trace::{Trace, TraceOutput};
+
+/// What `#[hooked]` code calls at run time. Not a public API.
+#[doc(hidden)]
+pub mod __rt {
+    pub use crate::trace::rt::*;
+    pub use candle_core::Tensor;
+}

@@ -1,0 +1,332 @@
+//! A loaded model: the network, its module tree, config, tokenizer and standard names.
+
+use crate::config::Config;
+use crate::models::{architecture, Architecture, CausalLM, ARCHITECTURES};
+use crate::nn::{Builder, ModuleTable};
+use crate::standard::StandardNames;
+use crate::trace::structure::Structure;
+use crate::{hub, Error, Result};
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Compute dtype (weights are converted on load). Default float32.
+    pub dtype: DType,
+    /// Device. Default CPU.
+    pub device: Device,
+    /// Show a progress bar while reading weights.
+    pub progress: bool,
+    /// Overrides of the standard-name renaming (see [`crate::standard::RenameConfig`]).
+    pub rename: crate::standard::RenameConfig,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            progress: false,
+            rename: Default::default(),
+        }
+    }
+}
+
+/// Model inputs: prompts (tokenized, left-padded) or token ids.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// Prompts, batched with left padding.
+    Prompts(Vec<String>),
+    /// Token ids [B, T] (integers) and an optional 0/1 attention mask [B, T].
+    Ids {
+        /// [B, T].
+        input_ids: Tensor,
+        /// [B, T], 1 for real tokens.
+        attention_mask: Option<Tensor>,
+    },
+}
+
+impl Input {
+    /// Prompts to tokenize.
+    pub fn prompts<S: AsRef<str>>(p: &[S]) -> Self {
+        Input::Prompts(p.iter().map(|s| s.as_ref().to_string()).collect())
+    }
+    /// Token ids without a mask.
+    pub fn ids(input_ids: Tensor) -> Self {
+        Input::Ids {
+            input_ids,
+            attention_mask: None,
+        }
+    }
+}
+
+/// A loaded causal language model.
+pub struct Model {
+    pub(crate) net: Box<dyn CausalLM>,
+    pub(crate) modules: ModuleTable,
+    /// config.json.
+    pub config: Config,
+    /// Its registry row.
+    pub arch: &'static Architecture,
+    /// tokenizer.json, when the folder has one.
+    pub tokenizer: Option<tokenizers::Tokenizer>,
+    /// Where it was loaded from.
+    pub source: PathBuf,
+    /// Compute dtype.
+    pub dtype: DType,
+    /// Device.
+    pub device: Device,
+    pub(crate) names: StandardNames,
+    pub(crate) structure: OnceLock<std::result::Result<Structure, String>>,
+    pub(crate) vocab_size: usize,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("model_type", &self.arch.model_type)
+            .field("source", &self.source)
+            .field("modules", &self.modules.len())
+            .finish()
+    }
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })
+}
+
+impl Model {
+    /// Loads MODEL: a folder with config.json, safetensors weights and tokenizer.json, or a hub id
+    /// found in the local Hugging Face cache.
+    pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
+        let dir = hub::resolve(model)?;
+        let cfg_path = dir.join("config.json");
+        if !cfg_path.is_file() {
+            return Err(Error::ModelNotFound {
+                model: model.into(),
+                msg: format!("{} has no config.json", dir.display()),
+            });
+        }
+        let config = Config::parse(cfg_path.clone(), &read(&cfg_path)?)?;
+        let files = hub::weight_files(&dir)?;
+        crate::hub::check_safetensors(&files)?;
+        let pb = if opts.progress {
+            let pb = indicatif::ProgressBar::new_spinner();
+            pb.set_message(format!("loading {}", dir.display()));
+            pb.enable_steady_tick(std::time::Duration::from_millis(120));
+            Some(pb)
+        } else {
+            None
+        };
+        // SAFETY: memory-mapping is what makes loading large checkpoints cheap. The files are only
+        // read, and their headers were validated above; a file changed by another process while
+        // mapped is outside what any mmap-based loader can guard against.
+        let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&files, opts.dtype, &opts.device) }
+            .map_err(|e| Error::Weights {
+                path: files[0].clone(),
+                msg: e.to_string(),
+            })?;
+        let model = Self::from_parts(config, vb, dir.clone(), opts);
+        if let Some(pb) = pb {
+            pb.finish_and_clear();
+        }
+        let mut model = model.map_err(|e| match e {
+            Error::Tensor(t) => Error::Weights {
+                path: if files.len() == 1 { files[0].clone() } else { dir.join("model.safetensors.index.json") },
+                msg: t.to_string(),
+            },
+            other => other,
+        })?;
+        let tok_path = dir.join("tokenizer.json");
+        if tok_path.is_file() {
+            let tok = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| Error::Tokenizer {
+                path: tok_path.clone(),
+                msg: e.to_string(),
+            })?;
+            model.tokenizer = Some(tok);
+        }
+        Ok(model)
+    }
+
+    /// Builds a model from a config and a candle `VarBuilder` (any weight source).
+    pub fn from_parts(config: Config, vb: candle_nn::VarBuilder, source: PathBuf, opts: &LoadOptions) -> Result<Self> {
+        let model_type = config.model_type()?.to_string();
+        let arch = architecture(&model_type).ok_or_else(|| Error::Config {
+            path: config.path.clone(),
+            msg: format!(
+                "unknown model_type `{model_type}`; supported: {}",
+                ARCHITECTURES.iter().map(|a| a.model_type).collect::<Vec<_>>().join(", ")
+            ),
+        })?;
+        let builder = Builder::new(vb);
+        let net = (arch.load)(&config, builder.clone())?;
+        let modules = builder.table();
+        let names = StandardNames::derive(&modules, &opts.rename)?;
+        let vocab_size = config.usize(&["vocab_size", "n_vocab"])?;
+        Ok(Model {
+            net,
+            modules,
+            config,
+            arch,
+            tokenizer: None,
+            source,
+            dtype: opts.dtype,
+            device: opts.device.clone(),
+            names,
+            structure: OnceLock::new(),
+            vocab_size,
+        })
+    }
+
+    /// The module tree.
+    pub fn modules(&self) -> &ModuleTable {
+        &self.modules
+    }
+
+    /// Standard names of this model's modules.
+    pub fn names(&self) -> &StandardNames {
+        &self.names
+    }
+
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.names.num_layers
+    }
+
+    /// Vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// A plain forward: logits [B, T, vocab].
+    pub fn forward(&self, input: &Input) -> Result<Tensor> {
+        let (ids, mask) = self.encode(input)?;
+        Ok(self.net.forward(&ids, mask.as_ref())?)
+    }
+
+    /// The token ids and attention mask for an input, validated.
+    pub fn encode(&self, input: &Input) -> Result<(Tensor, Option<Tensor>)> {
+        match input {
+            Input::Prompts(p) => self.tokenize(p),
+            Input::Ids {
+                input_ids,
+                attention_mask,
+            } => {
+                self.check_ids(input_ids, attention_mask.as_ref())?;
+                let ids = input_ids.to_dtype(DType::U32)?.to_device(&self.device)?;
+                let mask = match attention_mask {
+                    Some(m) => Some(m.to_dtype(DType::U32)?.to_device(&self.device)?),
+                    None => None,
+                };
+                Ok((ids, mask))
+            }
+        }
+    }
+
+    fn check_ids(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<()> {
+        let (b, t) = ids.dims2().map_err(|_| {
+            Error::Input(format!("input_ids must be 2-D [batch, tokens], got shape {:?}", ids.dims()))
+        })?;
+        if b == 0 || t == 0 {
+            return Err(Error::Input(format!("empty input: input_ids has shape {:?}", ids.dims())));
+        }
+        if ids.dtype().is_float() {
+            return Err(Error::Input(format!("input_ids must be integers, got {:?}", ids.dtype())));
+        }
+        if let Some(m) = mask {
+            if m.dims() != ids.dims() {
+                return Err(Error::Input(format!(
+                    "attention_mask has shape {:?} but input_ids has shape {:?}",
+                    m.dims(),
+                    ids.dims()
+                )));
+            }
+        }
+        let v = ids.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
+        if let Some((i, bad)) = v.iter().enumerate().find(|(_, x)| **x < 0 || **x as usize >= self.vocab_size) {
+            return Err(Error::Input(format!(
+                "token id {bad} at position {} of sequence {} is outside the vocabulary (size {})",
+                i % t,
+                i / t,
+                self.vocab_size
+            )));
+        }
+        if let Some(max) = self.max_positions() {
+            if t > max {
+                return Err(Error::Input(format!(
+                    "{t} tokens is longer than the {max} positions this model supports ({})",
+                    self.arch.model_type
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The longest sequence the model can take, where it has a hard limit (learned positions).
+    pub fn max_positions(&self) -> Option<usize> {
+        match self.arch.model_type {
+            "gpt2" => self.config.opt_usize("n_positions").ok().flatten(),
+            _ => None,
+        }
+    }
+
+    /// The id used for left padding: the tokenizer's pad token, else config's `pad_token_id`,
+    /// `eos_token_id`, else 0.
+    pub fn pad_id(&self) -> u32 {
+        let from_cfg = |k: &str| self.config.raw.get(k).and_then(|v| v.as_u64().or_else(|| v.as_array().and_then(|a| a.first()).and_then(|x| x.as_u64())));
+        from_cfg("pad_token_id")
+            .or_else(|| from_cfg("eos_token_id"))
+            .unwrap_or(0) as u32
+    }
+
+    /// Tokenizes prompts and left-pads them into a batch.
+    pub fn tokenize<S: AsRef<str>>(&self, prompts: &[S]) -> Result<(Tensor, Option<Tensor>)> {
+        let tok = self.tokenizer.as_ref().ok_or_else(|| Error::Tokenizer {
+            path: self.source.join("tokenizer.json"),
+            msg: "missing: prompts need a tokenizer.json (or pass token ids)".into(),
+        })?;
+        if prompts.is_empty() {
+            return Err(Error::Input("no prompts given".into()));
+        }
+        let mut seqs = Vec::new();
+        for p in prompts {
+            let enc = tok.encode(p.as_ref(), true).map_err(|e| Error::Tokenizer {
+                path: self.source.join("tokenizer.json"),
+                msg: format!("cannot encode {:?}: {e}", p.as_ref()),
+            })?;
+            if enc.get_ids().is_empty() {
+                return Err(Error::Input(format!("prompt {:?} encodes to no tokens", p.as_ref())));
+            }
+            seqs.push(enc.get_ids().to_vec());
+        }
+        let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        let pad = self.pad_id();
+        let mut ids = Vec::with_capacity(seqs.len() * t);
+        let mut mask = Vec::with_capacity(seqs.len() * t);
+        for s in &seqs {
+            for _ in s.len()..t {
+                ids.push(pad);
+                mask.push(0u32);
+            }
+            ids.extend_from_slice(s);
+            mask.extend(std::iter::repeat_n(1u32, s.len()));
+        }
+        let b = seqs.len();
+        let ids = Tensor::from_vec(ids, (b, t), &self.device)?;
+        let mask = Tensor::from_vec(mask, (b, t), &self.device)?;
+        self.check_ids(&ids, Some(&mask))?;
+        Ok((ids, Some(mask)))
+    }
+
+    /// The call structure of the forward (which instrumented function each call site enters, and
+    /// what each site returns), recorded once by running two tokens.
+    pub fn structure(&self) -> Result<&Structure> {
+        let r = self.structure.get_or_init(|| Structure::record(self).map_err(|e| e.to_string()));
+        r.as_ref().map_err(|e| Error::Input(format!("recording the model's call structure failed: {e}")))
+    }
+}

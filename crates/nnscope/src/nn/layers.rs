@@ -1,0 +1,246 @@
+//! Leaf modules: `torch.nn.Linear`, transformers' `Conv1D`, `Embedding`, `LayerNorm`, RMS norm and
+//! `Dropout`. Each is a module with its own scope, so `q_proj.output` or `attn_dropout.output` work.
+
+use super::Builder;
+use crate::trace::{hooked, Scope};
+use candle_core::{DType, Result, Tensor, D};
+
+/// `torch.nn.Linear`: y = x W^T + b, with W stored [out, in] as in the checkpoint.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// [out_features, in_features].
+    pub weight: Tensor,
+    /// [out_features].
+    pub bias: Option<Tensor>,
+    scope: Scope,
+}
+
+impl Linear {
+    /// Loads `weight` (and `bias` when `bias` is true) under the builder's path.
+    pub fn new(in_dim: usize, out_dim: usize, bias: bool, vb: Builder) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Linear {
+            weight,
+            bias,
+            scope: vb.scope::<Self>(),
+        })
+    }
+
+    /// A linear layer from given tensors (fused or split weights).
+    pub fn from_weights(weight: Tensor, bias: Option<Tensor>, vb: &Builder) -> Self {
+        Linear {
+            weight,
+            bias,
+            scope: vb.scope::<Self>(),
+        }
+    }
+}
+
+/// x [.., in] times w^T [in, out] as one 2-D matrix multiply over all leading dimensions.
+pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let in_dim = dims[dims.len() - 1];
+    let lead: usize = dims[..dims.len() - 1].iter().product();
+    let x2 = x.reshape((lead, in_dim))?;
+    let y = x2.matmul(&w.t()?)?;
+    let mut out_dims = dims[..dims.len() - 1].to_vec();
+    out_dims.push(w.dim(0)?);
+    y.reshape(out_dims)
+}
+
+#[hooked]
+impl Linear {
+    /// y = x W^T + b.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = matmul_t(x, &self.weight)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// transformers' `Conv1D` (GPT-2): a linear layer whose weight is stored [in, out].
+#[derive(Debug, Clone)]
+pub struct Conv1D {
+    /// [in_features, out_features], as stored by GPT-2 checkpoints.
+    pub weight: Tensor,
+    /// [out_features].
+    pub bias: Tensor,
+    /// The weight transposed once at load ([out, in], contiguous) so the forward needs no copy.
+    weight_t: Tensor,
+    scope: Scope,
+}
+
+impl Conv1D {
+    /// Loads `weight` [nx, nf] and `bias` [nf].
+    pub fn new(nf: usize, nx: usize, vb: Builder) -> Result<Self> {
+        let weight = vb.get((nx, nf), "weight")?;
+        let bias = vb.get(nf, "bias")?;
+        let weight_t = weight.t()?.contiguous()?;
+        Ok(Conv1D {
+            weight,
+            bias,
+            weight_t,
+            scope: vb.scope::<Self>(),
+        })
+    }
+}
+
+#[hooked]
+impl Conv1D {
+    /// y = x W + b.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = matmul_t(x, &self.weight_t)?;
+        y.broadcast_add(&self.bias)
+    }
+}
+
+/// `torch.nn.Embedding`.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    /// [num_embeddings, dim].
+    pub weight: Tensor,
+    scope: Scope,
+}
+
+impl Embedding {
+    /// Loads `weight` [n, dim].
+    pub fn new(n: usize, dim: usize, vb: Builder) -> Result<Self> {
+        let weight = vb.get((n, dim), "weight")?;
+        Ok(Embedding {
+            weight,
+            scope: vb.scope::<Self>(),
+        })
+    }
+}
+
+#[hooked]
+impl Embedding {
+    /// Looks up the rows of `input_ids` ([B, T] integers) -> [B, T, dim].
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let flat = input_ids.flatten_all()?;
+        let rows = self.weight.index_select(&flat, 0)?;
+        rows.reshape((b, t, self.weight.dim(1)?))
+    }
+}
+
+/// `torch.nn.LayerNorm` (a missing bias is zero, as in DBRX's bias-free LayerNorm).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    /// [dim].
+    pub weight: Tensor,
+    /// [dim].
+    pub bias: Option<Tensor>,
+    /// Epsilon.
+    pub eps: f64,
+    scope: Scope,
+}
+
+impl LayerNorm {
+    /// Loads `weight` and (when `bias`) `bias`.
+    pub fn new(dim: usize, eps: f64, bias: bool, vb: Builder) -> Result<Self> {
+        let weight = vb.get(dim, "weight")?;
+        let bias = if bias { Some(vb.get(dim, "bias")?) } else { None };
+        Ok(LayerNorm {
+            weight,
+            bias,
+            eps,
+            scope: vb.scope::<Self>(),
+        })
+    }
+}
+
+/// Layer norm over the last dimension, computed in float32.
+pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let dt = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let mean = xf.mean_keepdim(D::Minus1)?;
+    let xc = xf.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dt)?;
+    let y = y.broadcast_mul(w)?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+#[hooked]
+impl LayerNorm {
+    /// Normalizes the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, &self.weight, self.bias.as_ref(), self.eps)
+    }
+}
+
+/// RMS norm as in LLaMA: computed in float32, scaled by `weight` after casting back.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    /// [dim].
+    pub weight: Tensor,
+    /// Epsilon.
+    pub eps: f64,
+    scope: Scope,
+}
+
+impl RmsNorm {
+    /// Loads `weight` [dim].
+    pub fn new(dim: usize, eps: f64, vb: Builder) -> Result<Self> {
+        let weight = vb.get(dim, "weight")?;
+        Ok(RmsNorm {
+            weight,
+            eps,
+            scope: vb.scope::<Self>(),
+        })
+    }
+}
+
+/// x * rsqrt(mean(x^2) + eps), in float32, then cast back and scaled.
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dt = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xf.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?;
+    w.broadcast_mul(&y.to_dtype(dt)?)
+}
+
+#[hooked]
+impl RmsNorm {
+    /// Normalizes the last dimension.
+    pub fn forward(&self, hidden_states: &Tensor) -> Result<Tensor> {
+        rms_norm(hidden_states, &self.weight, self.eps)
+    }
+}
+
+/// `torch.nn.Dropout` at inference: the identity, but a module (and so a hookpoint) of its own.
+#[derive(Debug, Clone)]
+pub struct Dropout {
+    /// Probability (unused at inference).
+    pub p: f64,
+    scope: Scope,
+}
+
+impl Dropout {
+    /// A dropout module at the builder's path.
+    pub fn new(p: f64, vb: Builder) -> Self {
+        Dropout {
+            p,
+            scope: vb.scope::<Self>(),
+        }
+    }
+}
+
+#[hooked]
+impl Dropout {
+    /// Returns its input.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.clone())
+    }
+}

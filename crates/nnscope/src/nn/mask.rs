@@ -1,0 +1,49 @@
+//! Attention masks as transformers builds them for eager attention: additive, 0 where a query may
+//! attend a key and the dtype's minimum elsewhere.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+/// The most negative finite value of a float dtype (`torch.finfo(dtype).min`).
+pub fn min_value(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => -65504.0,
+        DType::BF16 => -3.3895313892515355e38,
+        DType::F64 => f64::MIN,
+        _ => f32::MIN as f64,
+    }
+}
+
+/// Additive causal mask [B, 1, T, T]: key k is visible from query q when k <= q, the key is not
+/// padding (`attention_mask[b, k] == 1`), and, with a sliding window w, k > q - w.
+pub fn causal_mask(
+    attention_mask: Option<&Tensor>,
+    batch: usize,
+    seq_len: usize,
+    sliding_window: Option<usize>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let pad: Option<Vec<Vec<i64>>> = match attention_mask {
+        Some(m) => Some(m.to_dtype(DType::I64)?.to_vec2::<i64>()?),
+        None => None,
+    };
+    let min = min_value(dtype) as f32;
+    let mut data = vec![0f32; batch * seq_len * seq_len];
+    for b in 0..batch {
+        for q in 0..seq_len {
+            for k in 0..seq_len {
+                let mut ok = k <= q;
+                if let Some(w) = sliding_window {
+                    ok &= (k as i64) > q as i64 - w as i64;
+                }
+                if let Some(p) = &pad {
+                    ok &= p[b][k] != 0;
+                }
+                if !ok {
+                    data[(b * seq_len + q) * seq_len + k] = min;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(data, (batch, 1, seq_len, seq_len), device)?.to_dtype(dtype)
+}

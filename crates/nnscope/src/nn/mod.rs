@@ -1,0 +1,15 @@
+//! Thin torch-like building blocks over candle, instrumented like model code.
+//!
+//! The names mirror `torch.nn` so that ported model code reads like the Python it comes from:
+//! `nn::Linear`, `nn::LayerNorm`, `nn::functional::softmax`, `nn::functional::dropout`.
+
+mod activation;
+mod builder;
+pub mod functional;
+mod layers;
+pub mod mask;
+pub mod rope;
+
+pub use activation::{Activation, ACTIVATION_NAMES as ACTIVATION_NAMES_LIST};
+pub use builder::{Builder, ModuleEntry, ModuleTable};
+pub use layers::{Conv1D, Dropout, Embedding, LayerNorm, Linear, RmsNorm};

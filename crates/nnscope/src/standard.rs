@@ -1,0 +1,287 @@
+//! The standardized view (nnterp's `StandardizedTransformer`): the same names on every architecture.
+//!
+//! Module names are found by renaming rules held as data ([`RULES`]): alias lists in the way
+//! nnterp's `rename_utils` does it, overridable per model with a [`RenameConfig`]. Standard names:
+//!
+//! | name | means |
+//! | --- | --- |
+//! | `embed_tokens`, `layers.L`, `attentions.L`, `mlps.L`, `ln_final`, `lm_head` | modules |
+//! | `layers_input.L`, `layers_output.L` | input / output of decoder layer L |
+//! | `attentions_input.L`, `attentions_output.L`, `mlps_input.L`, `mlps_output.L` | likewise |
+//! | `token_embeddings` | output of `embed_tokens` |
+//! | `attention_probabilities.L` | the architecture's registered attention-probability hookpoint |
+//! | `logits` | output of `lm_head` |
+
+use crate::nn::ModuleTable;
+use crate::{nearest, Error, Model, Result};
+
+/// Every standard name (module accessors and values).
+pub const STANDARD_NAMES: &[&str] = &[
+    "embed_tokens",
+    "layers",
+    "attentions",
+    "mlps",
+    "ln_final",
+    "lm_head",
+    "layers_input",
+    "layers_output",
+    "attentions_input",
+    "attentions_output",
+    "mlps_input",
+    "mlps_output",
+    "token_embeddings",
+    "attention_probabilities",
+    "logits",
+];
+
+/// Standard names that take a layer index.
+pub const LAYER_NAMES: &[&str] = &[
+    "layers",
+    "attentions",
+    "mlps",
+    "layers_input",
+    "layers_output",
+    "attentions_input",
+    "attentions_output",
+    "mlps_input",
+    "mlps_output",
+    "attention_probabilities",
+];
+
+/// One renaming rule: the standard name and the Hugging Face attribute names that map to it.
+#[derive(Debug)]
+pub struct Rule {
+    /// Standard name.
+    pub standard: &'static str,
+    /// Attribute names, in order of preference.
+    pub aliases: &'static [&'static str],
+}
+
+/// The renaming rules (as nnterp's `rename_utils`).
+pub const RULES: &[Rule] = &[
+    Rule { standard: "layers", aliases: &["layers", "h", "blocks", "layer"] },
+    Rule { standard: "self_attn", aliases: &["self_attn", "attn", "self_attention", "attention", "norm_attn_norm"] },
+    Rule { standard: "mlp", aliases: &["mlp", "ffn", "feed_forward", "block_sparse_moe", "moe"] },
+    Rule { standard: "embed_tokens", aliases: &["embed_tokens", "wte", "word_embeddings", "embed_in"] },
+    Rule { standard: "ln_final", aliases: &["norm", "ln_f", "norm_f", "final_layer_norm", "final_layernorm"] },
+    Rule { standard: "lm_head", aliases: &["lm_head", "embed_out"] },
+];
+
+/// Per-model overrides of the renaming, as full Hugging Face paths (`layers`, `embed_tokens`,
+/// `ln_final`, `lm_head`) or attribute names inside a layer (`attention`, `mlp`).
+#[derive(Debug, Clone, Default)]
+pub struct RenameConfig {
+    /// Path of the layer list (`transformer.h`).
+    pub layers: Option<String>,
+    /// Attribute of the attention inside a layer (`attn`).
+    pub attention: Option<String>,
+    /// Attribute of the MLP inside a layer (`mlp`).
+    pub mlp: Option<String>,
+    /// Path of the token embedding.
+    pub embed_tokens: Option<String>,
+    /// Path of the final norm.
+    pub ln_final: Option<String>,
+    /// Path of the output head.
+    pub lm_head: Option<String>,
+}
+
+/// A model's modules under their standard names.
+#[derive(Debug, Clone)]
+pub struct StandardNames {
+    /// Path of the layer list (`model.layers`).
+    pub layers: String,
+    /// Number of layers.
+    pub num_layers: usize,
+    /// Attention's attribute inside a layer (`self_attn`).
+    pub attention: String,
+    /// MLP's attribute inside a layer (`mlp`).
+    pub mlp: String,
+    /// Path of the token embedding (`model.embed_tokens`).
+    pub embed_tokens: String,
+    /// Path of the final norm (`model.norm`).
+    pub ln_final: String,
+    /// Path of the output head (`lm_head`).
+    pub lm_head: String,
+}
+
+fn rule(standard: &str) -> &'static [&'static str] {
+    RULES.iter().find(|r| r.standard == standard).map(|r| r.aliases).unwrap_or(&[])
+}
+
+fn missing(what: &str, option: &str, table: &ModuleTable) -> Error {
+    let some: Vec<&str> = table.entries.iter().map(|e| e.path.as_str()).filter(|p| !p.is_empty()).take(12).collect();
+    Error::Config {
+        path: "<module tree>".into(),
+        msg: format!(
+            "renaming check failed: no module matches the standard name `{what}`; pass it explicitly \
+             (RenameConfig::{option}). Modules include: {}",
+            some.join(", ")
+        ),
+    }
+}
+
+impl StandardNames {
+    /// Finds the standard modules in a module tree (nnterp's renaming plus `check_model_renaming`'s
+    /// existence checks).
+    pub fn derive(table: &ModuleTable, rename: &RenameConfig) -> Result<Self> {
+        let paths: Vec<&str> = table.entries.iter().map(|e| e.path.as_str()).collect();
+        let exists = |p: &str| paths.contains(&p);
+        // Layers: a list `<prefix>.<alias>.<i>` of modules.
+        let layers = match &rename.layers {
+            Some(l) => l.clone(),
+            None => {
+                let mut found = None;
+                'outer: for alias in rule("layers") {
+                    for p in &paths {
+                        let segs: Vec<&str> = p.split('.').collect();
+                        if segs.len() >= 2 && segs[segs.len() - 2] == *alias && segs[segs.len() - 1] == "0" {
+                            found = Some(segs[..segs.len() - 1].join("."));
+                            break 'outer;
+                        }
+                    }
+                }
+                found.ok_or_else(|| missing("layers", "layers", table))?
+            }
+        };
+        let mut num_layers = 0;
+        while exists(&format!("{layers}.{num_layers}")) {
+            num_layers += 1;
+        }
+        if num_layers == 0 {
+            return Err(missing("layers", "layers", table));
+        }
+        let first = format!("{layers}.0");
+        let child = |standard: &str, over: &Option<String>, opt: &str| -> Result<String> {
+            if let Some(o) = over {
+                return if exists(&format!("{first}.{o}")) { Ok(o.clone()) } else { Err(missing(standard, opt, table)) };
+            }
+            rule(standard)
+                .iter()
+                .find(|a| exists(&format!("{first}.{a}")))
+                .map(|a| a.to_string())
+                .ok_or_else(|| missing(standard, opt, table))
+        };
+        let attention = child("self_attn", &rename.attention, "attention")?;
+        let mlp = child("mlp", &rename.mlp, "mlp")?;
+        let top = |standard: &str, over: &Option<String>, opt: &str| -> Result<String> {
+            if let Some(o) = over {
+                return if exists(o) { Ok(o.clone()) } else { Err(missing(standard, opt, table)) };
+            }
+            for a in rule(standard) {
+                if let Some(p) = paths
+                    .iter()
+                    .find(|p| !p.starts_with(&format!("{layers}.")) && (p.rsplit('.').next() == Some(*a)))
+                {
+                    return Ok(p.to_string());
+                }
+            }
+            Err(missing(standard, opt, table))
+        };
+        Ok(StandardNames {
+            embed_tokens: top("embed_tokens", &rename.embed_tokens, "embed_tokens")?,
+            ln_final: top("ln_final", &rename.ln_final, "ln_final")?,
+            lm_head: top("lm_head", &rename.lm_head, "lm_head")?,
+            layers,
+            num_layers,
+            attention,
+            mlp,
+        })
+    }
+
+    /// Path of layer `i`'s attention module.
+    pub fn attention_path(&self, i: usize) -> String {
+        format!("{}.{i}.{}", self.layers, self.attention)
+    }
+}
+
+/// Expands a standard name into a Hugging Face path; other paths are returned unchanged.
+pub fn expand(model: &Model, path: &str) -> Result<String> {
+    let n = &model.names;
+    let mut parts = path.splitn(2, '.');
+    let head = parts.next().unwrap_or("");
+    let rest = parts.next();
+    let join = |base: String, tail: Option<&str>| match tail {
+        Some(t) if !t.is_empty() => format!("{base}.{t}"),
+        _ => base,
+    };
+    match head {
+        "embed_tokens" => return Ok(join(n.embed_tokens.clone(), rest)),
+        "ln_final" => return Ok(join(n.ln_final.clone(), rest)),
+        "lm_head" => return Ok(join(n.lm_head.clone(), rest)),
+        "token_embeddings" => return Ok(join(format!("{}.output", n.embed_tokens), rest)),
+        "logits" => return Ok(join(format!("{}.output", n.lm_head), rest)),
+        _ => {}
+    }
+    if !LAYER_NAMES.contains(&head) {
+        return Ok(path.to_string());
+    }
+    let Some(rest) = rest else {
+        return Err(Error::Hookpoint {
+            path: path.into(),
+            msg: format!("`{head}` needs a layer index: `{head}.0` .. `{head}.{}`", n.num_layers.saturating_sub(1)),
+            suggestions: vec![format!("{head}.0")],
+        });
+    };
+    let mut rp = rest.splitn(2, '.');
+    let idx_s = rp.next().unwrap_or("");
+    let tail = rp.next();
+    let idx: usize = idx_s.parse().map_err(|_| Error::Hookpoint {
+        path: path.into(),
+        msg: format!("`{idx_s}` is not a layer index"),
+        suggestions: vec![],
+    })?;
+    if idx >= n.num_layers {
+        return Err(Error::Hookpoint {
+            path: path.into(),
+            msg: format!(
+                "layer {idx} is past the last layer: the model has {} layers (0..{})",
+                n.num_layers,
+                n.num_layers.saturating_sub(1)
+            ),
+            suggestions: vec![format!("{head}.{}", n.num_layers.saturating_sub(1))],
+        });
+    }
+    let layer = format!("{}.{idx}", n.layers);
+    let attn = format!("{layer}.{}", n.attention);
+    let mlp = format!("{layer}.{}", n.mlp);
+    let value = |base: String, what: &str| -> Result<String> {
+        match tail {
+            None => Ok(format!("{base}.{what}")),
+            Some(t) if t.parse::<usize>().is_ok() => Ok(format!("{base}.{what}.{t}")),
+            Some(t) => Err(Error::Hookpoint {
+                path: path.into(),
+                msg: format!("`{head}.{idx}` is a value; `.{t}` cannot follow it"),
+                suggestions: nearest(t, ["output", "input"], 1),
+            }),
+        }
+    };
+    match head {
+        "layers" => Ok(join(layer, tail)),
+        "attentions" => Ok(join(attn, tail)),
+        "mlps" => Ok(join(mlp, tail)),
+        "layers_input" => value(layer, "input"),
+        "layers_output" => value(layer, "output"),
+        "attentions_input" => value(attn, "input"),
+        "attentions_output" => value(attn, "output"),
+        "mlps_input" => value(mlp, "input"),
+        "mlps_output" => value(mlp, "output"),
+        "attention_probabilities" => {
+            if tail.is_some() {
+                return Err(Error::Hookpoint {
+                    path: path.into(),
+                    msg: "`attention_probabilities.L` is a value; nothing can follow it".into(),
+                    suggestions: vec![format!("attention_probabilities.{idx}")],
+                });
+            }
+            Ok(format!("{attn}.{}.output", model.attention_probabilities_path()?))
+        }
+        _ => Ok(path.to_string()),
+    }
+}
+
+impl Model {
+    /// This architecture's attention-probability hookpoint, relative to `attentions.L`.
+    pub fn attention_probabilities_path(&self) -> Result<&str> {
+        Ok(self.arch.attention_probabilities)
+    }
+}

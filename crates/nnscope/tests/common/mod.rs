@@ -1,0 +1,168 @@
+//! Parity against Hugging Face goldens (`tests/fixtures/<arch>/golden.safetensors`, written by
+//! transformers 5.24, eager attention, float32). Tolerances from the fixtures' README: attention
+//! probabilities within 1e-5 absolute; hidden states and logits within 1e-4 * max(1, max |ref|).
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use nnscope::models::ProbShape;
+use nnscope::{Input, LoadOptions, Model};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+pub fn fixture(arch: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(arch)
+}
+
+pub fn load(arch: &str) -> Model {
+    Model::load(fixture(arch).to_str().unwrap(), &LoadOptions::default()).unwrap()
+}
+
+pub struct Golden {
+    pub t: HashMap<String, Tensor>,
+    pub prompt: String,
+    pub batch: Vec<String>,
+}
+
+pub fn golden(arch: &str) -> Golden {
+    let path = fixture(arch).join("golden.safetensors");
+    let t = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let md = meta.metadata().clone().unwrap();
+    Golden {
+        t,
+        prompt: md["prompt"].clone(),
+        batch: md["batch"].lines().map(String::from).collect(),
+    }
+}
+
+/// Max |a - b| over positions where `keep` is 1 (same shape as a, b, broadcastable).
+fn masked_max_diff(a: &Tensor, b: &Tensor, keep: &Tensor) -> f32 {
+    let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap().abs().unwrap();
+    let d = d.broadcast_mul(&keep.to_dtype(DType::F32).unwrap()).unwrap();
+    d.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn max_abs(a: &Tensor) -> f32 {
+    a.to_dtype(DType::F32).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// [B, T] mask -> [B, T, 1] for hidden states.
+fn row_keep(mask: &Tensor) -> Tensor {
+    mask.to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap()
+}
+
+/// [B, T] mask -> [B, 1, T, T] keeping real query rows and key columns.
+fn prob_keep(mask: &Tensor) -> Tensor {
+    let m = mask.to_dtype(DType::F32).unwrap();
+    let q = m.unsqueeze(2).unwrap();
+    let k = m.unsqueeze(1).unwrap();
+    q.broadcast_mul(&k).unwrap().unsqueeze(1).unwrap()
+}
+
+pub fn assert_hidden(name: &str, ours: &Tensor, reference: &Tensor, mask: &Tensor) {
+    assert_eq!(ours.dims(), reference.dims(), "{name}: shape");
+    let tol = 1e-4 * max_abs(reference).max(1.0);
+    let d = masked_max_diff(ours, reference, &row_keep(mask));
+    assert!(d <= tol, "{name}: max diff {d} > tolerance {tol}");
+}
+
+pub fn assert_probs(name: &str, ours: &Tensor, reference: &Tensor, mask: &Tensor) {
+    assert_eq!(ours.dims(), reference.dims(), "{name}: shape");
+    let d = masked_max_diff(ours, reference, &prob_keep(mask));
+    assert!(d <= 1e-5, "{name}: max diff {d} > 1e-5");
+}
+
+/// Checks one input (`single` or `batch`) of a fixture: token ids, embeddings, every layer's input
+/// and output, attention probabilities, final norm and logits.
+pub fn check_input(model: &Model, g: &Golden, prefix: &str) {
+    let ids = &g.t[&format!("{prefix}.input_ids")];
+    let mask = &g.t[&format!("{prefix}.attention_mask")];
+    // Tokenization must reproduce the golden ids.
+    let prompts: Vec<String> = if prefix == "single" { vec![g.prompt.clone()] } else { g.batch.clone() };
+    let (tok_ids, tok_mask) = model.tokenize(&prompts).unwrap();
+    assert_eq!(
+        tok_ids.to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap(),
+        ids.to_vec2::<i64>().unwrap(),
+        "{prefix}: tokenization"
+    );
+    assert_eq!(
+        tok_mask.unwrap().to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap(),
+        mask.to_vec2::<i64>().unwrap(),
+        "{prefix}: attention mask"
+    );
+    let n = model.num_layers();
+    let mut tr = model
+        .trace(Input::Prompts(prompts))
+        .save("token_embeddings")
+        .unwrap()
+        .save("ln_final.output")
+        .unwrap();
+    for l in 0..n {
+        for what in ["layers_input", "layers_output", "attention_probabilities"] {
+            tr = tr.save(&format!("{what}.{l}")).unwrap();
+        }
+    }
+    let out = tr.run().unwrap();
+    assert_hidden(&format!("{prefix}.embed_tokens"), out.get("token_embeddings").unwrap(), &g.t[&format!("{prefix}.embed_tokens")], mask);
+    for l in 0..n {
+        for what in ["layers_input", "layers_output"] {
+            let name = format!("{what}.{l}");
+            assert_hidden(&format!("{prefix}.{name}"), out.get(&name).unwrap(), &g.t[&format!("{prefix}.{name}")], mask);
+        }
+        let name = format!("attention_probabilities.{l}");
+        let mut ours = out.get(&name).unwrap().clone();
+        let reference = &g.t[&format!("{prefix}.{name}")];
+        if model.arch.prob_shape == ProbShape::SinkColumn {
+            let k = reference.dim(3).unwrap();
+            assert_eq!(ours.dim(3).unwrap(), k + 1, "sink column");
+            ours = ours.narrow(3, 0, k).unwrap();
+        }
+        assert_probs(&format!("{prefix}.{name}"), &ours, reference, mask);
+    }
+    assert_hidden(&format!("{prefix}.ln_final"), out.get("ln_final.output").unwrap(), &g.t[&format!("{prefix}.ln_final")], mask);
+    assert_hidden(&format!("{prefix}.logits"), out.logits.as_ref().unwrap(), &g.t[&format!("{prefix}.logits")], mask);
+}
+
+/// Uniform causal attention [1, H, T, T] (row q: 1/(q+1) on keys 0..q), shaped like `like`.
+pub fn uniform_like(like: &Tensor) -> Tensor {
+    let dims = like.dims4().unwrap();
+    let (b, h, q, k) = dims;
+    let mut v = vec![0f32; q * k];
+    for i in 0..q {
+        for j in 0..=i.min(k - 1) {
+            v[i * k + j] = 1.0 / (i as f32 + 1.0);
+        }
+    }
+    Tensor::from_vec(v, (1, 1, q, k), &Device::Cpu).unwrap().broadcast_as((b, h, q, k)).unwrap().contiguous().unwrap()
+}
+
+/// Writes uniform causal attention at `path_of(layer)` in every layer and compares the logits with
+/// `uniform_attention.logits`.
+pub fn check_uniform(model: &Model, g: &Golden, path_of: impl Fn(usize) -> String) {
+    let ids = g.t["single.input_ids"].clone();
+    let mut tr = model.trace(Input::ids(ids));
+    for l in 0..model.num_layers() {
+        tr = tr.edit(&path_of(l), |p| Ok(uniform_like(p))).unwrap();
+    }
+    let out = tr.run().unwrap();
+    let reference = &g.t["uniform_attention.logits"];
+    let mask = g.t["single.attention_mask"].clone();
+    assert_hidden("uniform_attention.logits", out.logits.as_ref().unwrap(), reference, &mask);
+    // And the edit must have changed something.
+    let plain = &g.t["single.logits"];
+    let moved = (reference - plain).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(moved > 1e-3, "uniform attention should change the logits");
+    let _ = reference.i(0).unwrap();
+}
+
+/// The whole fixture check for an architecture.
+pub fn parity(arch: &str) {
+    let model = load(arch);
+    let g = golden(arch);
+    check_input(&model, &g, "single");
+    check_input(&model, &g, "batch");
+    if model.arch.prob_shape == ProbShape::Standard {
+        check_uniform(&model, &g, |l| format!("attention_probabilities.{l}"));
+    }
+}
