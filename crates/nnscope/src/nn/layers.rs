@@ -41,6 +41,17 @@ impl Linear {
     }
 }
 
+/// Which matrix-multiply kernel `Linear`/`Conv1D` use in this build.
+pub fn gemm_backend() -> &'static str {
+    "candle-gemm"
+}
+
+/// `x [.., in]` times `w^T` (`w` is `[out, in]`), the product `Linear` computes: public so the
+/// benchmark can time exactly this kernel.
+pub fn linear_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    matmul_t(x, w)
+}
+
 /// x [.., in] times w^T [in, out] as one 2-D matrix multiply over all leading dimensions.
 pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = x.dims();

@@ -12,4 +12,4 @@ pub mod rope;
 
 pub use activation::{Activation, ACTIVATION_NAMES as ACTIVATION_NAMES_LIST};
 pub use builder::{Builder, ModuleEntry, ModuleTable};
-pub use layers::{Conv1D, Dropout, Embedding, LayerNorm, Linear, RmsNorm};
+pub use layers::{gemm_backend, linear_matmul, Conv1D, Dropout, Embedding, LayerNorm, Linear, RmsNorm};

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# nnscope vs transformers vs nnsight, side by side, in one command. See bench/README.md.
+#
+#   bench/run.sh            # full run, writes bench/RESULTS.md (about 15-25 minutes on 2 cores)
+#
+# Environment:
+#   BENCH_THREADS   threads for every contender (default 2)
+#   BENCH_PYTHON    a Python that already has torch, transformers, nnsight, safetensors (skips the venv)
+#   BENCH_ITERS     timed iterations for batch 1 (default 10; batch 8 uses half, at least 3)
+#   BENCH_WARMUP    warm-up iterations (default 2)
+#   BENCH_MODELS    checkpoints to run (default "gpt2 llama")
+#   BENCH_FEATURES  extra cargo features for nnscope (e.g. "openblas"; needs libopenblas-dev)
+#   BENCH_7B=1      also build a 7B-shaped bfloat16 LLaMA (13.5 GB) and trace 32 tokens through it
+#   CARGO_TARGET_DIR  honoured (the bench binaries are copied out of it)
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+WORK="$HERE/work"
+mkdir -p "$WORK"
+
+THREADS="${BENCH_THREADS:-2}"
+ITERS="${BENCH_ITERS:-10}"
+WARMUP="${BENCH_WARMUP:-2}"
+MODELS="${BENCH_MODELS:-gpt2 llama}"
+FEATURES="${BENCH_FEATURES:-}"
+# The same thread count for everyone: candle (rayon + gemm), torch (OpenMP / intra-op), BLAS.
+export RAYON_NUM_THREADS="$THREADS" OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS" \
+    OPENBLAS_NUM_THREADS="$THREADS"
+export TOKENIZERS_PARALLELISM=false
+
+log() { echo "[bench $(date +%H:%M:%S)] $*" >&2; }
+
+# --- Python side -----------------------------------------------------------------------------
+if [[ -n "${BENCH_PYTHON:-}" ]]; then
+    PY="$BENCH_PYTHON"
+else
+    PY="$HERE/.venv/bin/python"
+    if ! "$PY" -c "import torch, transformers, nnsight, safetensors" 2>/dev/null; then
+        log "creating $HERE/.venv (torch CPU wheels, transformers, nnsight)"
+        python3 -m venv "$HERE/.venv"
+        "$PY" -m pip install --upgrade pip >/dev/null
+        # CPU wheels: this benchmark runs on the CPU; the CUDA build would only add gigabytes.
+        "$PY" -m pip install torch --index-url "${BENCH_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+        "$PY" -m pip install transformers nnsight safetensors
+    fi
+fi
+"$PY" -c "import torch, transformers, nnsight; print('python side: torch', torch.__version__, 'transformers', transformers.__version__, 'nnsight', nnsight.__version__)" >&2
+
+# --- Checkpoints (random weights, shared by every contender) ---------------------------------
+CKPTS=($MODELS)
+[[ "${BENCH_7B:-0}" == 1 ]] && CKPTS+=(llama7b)
+log "checkpoints: ${CKPTS[*]}"
+"$PY" "$HERE/make_checkpoints.py" "$WORK/checkpoints" "${CKPTS[@]}" >&2
+
+# --- nnscope: instrumented (default features) and instrumentation compiled out ----------------
+cd "$ROOT"
+TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+FEAT_ARGS=()
+[[ -n "$FEATURES" ]] && FEAT_ARGS=(--features "$FEATURES")
+log "building nnscope bench (hooks)"
+cargo build --release -p nnscope --example bench "${FEAT_ARGS[@]}" >&2
+cp "$TARGET/release/examples/bench" "$WORK/bench-hooks"
+log "building nnscope bench (no hooks: --no-default-features)"
+cargo build --release -p nnscope --example bench --no-default-features "${FEAT_ARGS[@]}" >&2
+cp "$TARGET/release/examples/bench" "$WORK/bench-nohooks"
+
+# --- Measurements ----------------------------------------------------------------------------
+OUT="$WORK/results.jsonl"
+: >"$OUT"
+# Runs one measurement in its own process (so its peak RSS is its own) and appends its JSON line.
+measure() {
+    local line
+    if line="$("$@" 2>"$WORK/last.err" | tail -n 1)" && [[ "$line" == \{* ]]; then
+        echo "$line" >>"$OUT"
+        echo "$line" >&2
+    else
+        log "FAILED: $*"
+        tail -n 5 "$WORK/last.err" >&2
+        echo "{\"failed\": true, \"cmd\": \"$*\"}" >>"$OUT"
+    fi
+}
+matmul_lines() {
+    "$@" 2>"$WORK/last.err" | grep '^{' >>"$OUT" || { log "FAILED: $*"; tail -n 5 "$WORK/last.err" >&2; }
+}
+
+log "matrix-multiply peak (torch) and candle/nnscope's Linear kernel"
+matmul_lines "$PY" "$HERE/bench_py.py" --mode matmul --sizes 512,1024,2048 --iters 10 --threads "$THREADS"
+matmul_lines "$WORK/bench-hooks" --mode matmul --sizes 512,1024,2048 --iters 10
+
+run_shape() { # model-dir batch tokens iters
+    local m="$1" b="$2" t="$3" it="$4" w="$WARMUP"
+    local common=(--model "$m" --batch "$b" --tokens "$t" --warmup "$w" --iters "$it")
+    log "$(basename "$m") ${b}x${t}"
+    measure "$WORK/bench-hooks" --mode plain "${common[@]}"
+    measure "$WORK/bench-nohooks" --mode plain "${common[@]}"
+    measure "$WORK/bench-hooks" --mode traced "${common[@]}"
+    measure "$PY" "$HERE/bench_py.py" --mode eager "${common[@]}" --threads "$THREADS"
+    measure "$PY" "$HERE/bench_py.py" --mode nnsight "${common[@]}" --threads "$THREADS"
+}
+
+# (5) per-trace fixed cost: the tiny fixture, many iterations.
+run_shape "$ROOT/tests/fixtures/llama" 1 39 200
+BIG_ITERS=$(( ITERS / 2 > 3 ? ITERS / 2 : 3 ))
+for m in $MODELS; do
+    run_shape "$WORK/checkpoints/$m" 1 16 "$ITERS"
+    run_shape "$WORK/checkpoints/$m" 1 128 "$ITERS"
+    run_shape "$WORK/checkpoints/$m" 8 128 "$BIG_ITERS"
+done
+if [[ "${BENCH_7B:-0}" == 1 ]]; then
+    log "7B-shaped LLaMA, bfloat16, traced forward of 32 tokens"
+    measure "$WORK/bench-hooks" --mode traced --model "$WORK/checkpoints/llama7b" --batch 1 --tokens 32 \
+        --warmup 0 --iters 1 --dtype bf16
+fi
+
+# --- Report ----------------------------------------------------------------------------------
+"$PY" "$HERE/report.py" "$OUT" "$WORK/checkpoints" >"$HERE/RESULTS.md"
+log "wrote $HERE/RESULTS.md"

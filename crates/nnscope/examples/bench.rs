@@ -1,0 +1,195 @@
+//! The nnscope side of `bench/`: times one kind of forward on one checkpoint and prints one JSON line.
+//!
+//! ```text
+//! bench --model DIR --batch B --tokens T --mode plain|traced [--warmup N] [--iters N]
+//! bench --mode matmul --sizes 512,1024,2048 [--iters N]
+//! ```
+//!
+//! `plain` is `Model::forward`; `traced` is a trace saving every layer's attention probabilities and
+//! output (`attention_probabilities.L`, `layers_output.L`), the same saves bench/bench_py.py asks
+//! nnsight for. Token ids follow a fixed formula shared with the Python side, so every contender
+//! runs the same input. Threads: set `RAYON_NUM_THREADS` (bench/run.sh does).
+//!
+//! The JSON line carries min/median milliseconds, the peak resident memory of this process
+//! (`VmHWM`), whether the instrumentation was compiled in, and the GEMM backend.
+
+use candle_core::{DType, Device, Tensor};
+use nnscope::{Input, LoadOptions, Model};
+use std::time::Instant;
+
+/// Same ids as bench_py.py: id = (1 + 7919 * i) mod min(vocab, 32000), i counting row-major.
+fn ids(batch: usize, tokens: usize, vocab: usize) -> candle_core::Result<Tensor> {
+    let v = vocab.min(32000) as u64;
+    let data: Vec<u32> = (0..(batch * tokens) as u64).map(|i| ((1 + 7919 * i) % v) as u32).collect();
+    Tensor::from_vec(data, (batch, tokens), &Device::Cpu)
+}
+
+/// Peak resident set size of this process in MiB (Linux `VmHWM`), if readable.
+fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+struct Args {
+    model: String,
+    mode: String,
+    batch: usize,
+    tokens: usize,
+    warmup: usize,
+    iters: usize,
+    sizes: Vec<usize>,
+    dtype: DType,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        model: String::new(),
+        mode: "plain".into(),
+        batch: 1,
+        tokens: 128,
+        warmup: 3,
+        iters: 10,
+        sizes: vec![512, 1024, 2048],
+        dtype: DType::F32,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < argv.len() {
+        let val = argv.get(i + 1).cloned().ok_or_else(|| format!("{} needs a value", argv[i]))?;
+        let num = || val.parse::<usize>().map_err(|e| format!("{}: {e}", argv[i]));
+        match argv[i].as_str() {
+            "--model" => a.model = val.clone(),
+            "--mode" => a.mode = val.clone(),
+            "--batch" => a.batch = num()?,
+            "--tokens" => a.tokens = num()?,
+            "--warmup" => a.warmup = num()?,
+            "--iters" => a.iters = num()?,
+            "--sizes" => {
+                a.sizes = val
+                    .split(',')
+                    .map(|s| s.parse::<usize>().map_err(|e| format!("--sizes: {e}")))
+                    .collect::<Result<_, _>>()?
+            }
+            "--dtype" => {
+                a.dtype = match val.as_str() {
+                    "f32" | "float32" => DType::F32,
+                    "bf16" | "bfloat16" => DType::BF16,
+                    other => return Err(format!("--dtype: unknown {other}")),
+                }
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+        i += 2;
+    }
+    if a.iters == 0 {
+        return Err("--iters must be at least 1".into());
+    }
+    Ok(a)
+}
+
+/// (min, median) of the samples, in milliseconds.
+fn stats(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    let med = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+    (v[0], med)
+}
+
+fn time<F: FnMut() -> Result<(), Box<dyn std::error::Error>>>(
+    warmup: usize,
+    iters: usize,
+    mut f: F,
+) -> Result<(f64, f64), Box<dyn std::error::Error>> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut samples = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t0 = Instant::now();
+        f()?;
+        samples.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(stats(samples))
+}
+
+fn instrumented() -> bool {
+    cfg!(feature = "hooks")
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let a = parse_args()?;
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into());
+    let backend = nnscope::nn::gemm_backend();
+    if a.mode == "matmul" {
+        // candle's matrix multiply (as Linear uses it) on square f32 matrices.
+        for &n in &a.sizes {
+            let x = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+            let w = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+            let (mn, med) = time(a.warmup, a.iters, || {
+                let _ = nnscope::nn::linear_matmul(&x, &w)?;
+                Ok(())
+            })?;
+            let gflop = 2.0 * (n * n * n) as f64 / 1e9;
+            println!(
+                "{{\"contender\":\"nnscope\",\"mode\":\"matmul\",\"n\":{n},\"min_ms\":{mn:.3},\"median_ms\":{med:.3},\"gflops\":{:.1},\"threads\":\"{threads}\",\"backend\":\"{backend}\"}}",
+                gflop / (mn / 1e3)
+            );
+        }
+        return Ok(());
+    }
+    let opts = LoadOptions {
+        dtype: a.dtype,
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let model = Model::load(&a.model, &opts)?;
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let input_ids = ids(a.batch, a.tokens, model.vocab_size())?;
+    let layers = model.num_layers();
+    let (mn, med) = match a.mode.as_str() {
+        "plain" => time(a.warmup, a.iters, || {
+            let logits = model.forward(&Input::ids(input_ids.clone()))?;
+            std::hint::black_box(logits);
+            Ok(())
+        })?,
+        "traced" => {
+            if !instrumented() {
+                return Err("traced mode needs the `hooks` feature (the default)".into());
+            }
+            time(a.warmup, a.iters, || {
+                let mut tr = model.trace(Input::ids(input_ids.clone()));
+                for l in 0..layers {
+                    tr = tr.save(&format!("attention_probabilities.{l}"))?.save(&format!("layers_output.{l}"))?;
+                }
+                let out = tr.run()?;
+                if out.saved.len() != 2 * layers {
+                    return Err(format!("expected {} saved values, got {}", 2 * layers, out.saved.len()).into());
+                }
+                std::hint::black_box(out);
+                Ok(())
+            })?
+        }
+        other => return Err(format!("unknown --mode {other} (plain, traced, matmul)").into()),
+    };
+    let rss = peak_rss_mib().map(|m| format!("{m:.1}")).unwrap_or_else(|| "null".into());
+    println!(
+        "{{\"contender\":\"nnscope\",\"mode\":\"{}\",\"model\":\"{}\",\"batch\":{},\"tokens\":{},\"iters\":{},\"min_ms\":{mn:.3},\"median_ms\":{med:.3},\"peak_rss_mib\":{rss},\"load_ms\":{load_ms:.1},\"instrumented\":{},\"threads\":\"{threads}\",\"backend\":\"{backend}\",\"dtype\":\"{:?}\"}}",
+        a.mode,
+        a.model.replace('\\', "\\\\").replace('"', "\\\""),
+        a.batch,
+        a.tokens,
+        a.iters,
+        instrumented(),
+        a.dtype,
+    );
+    Ok(())
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("bench: {e}");
+        std::process::exit(1);
+    }
+}
