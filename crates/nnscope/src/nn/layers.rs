@@ -41,9 +41,10 @@ impl Linear {
     }
 }
 
-/// Which matrix-multiply kernel `Linear`/`Conv1D` use in this build.
+/// Which matrix-multiply kernel `Linear`/`Conv1D` use for float32 on the CPU in this build
+/// (`candle-gemm`, or a system kernel with the `dnnl`/`openblas` features).
 pub fn gemm_backend() -> &'static str {
-    "candle-gemm"
+    super::blas::backend()
 }
 
 /// `x [.., in]` times `w^T` (`w` is `[out, in]`), the product `Linear` computes: public so the
@@ -58,7 +59,11 @@ pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let in_dim = dims[dims.len() - 1];
     let lead: usize = dims[..dims.len() - 1].iter().product();
     let x2 = x.reshape((lead, in_dim))?;
-    let y = x2.matmul(&w.t()?)?;
+    // A system sgemm when the build has one (features `dnnl`/`openblas`); candle's kernel otherwise.
+    let y = match super::blas::matmul_nt(&x2, w)? {
+        Some(y) => y,
+        None => x2.matmul(&w.t()?)?,
+    };
     let mut out_dims = dims[..dims.len() - 1].to_vec();
     out_dims.push(w.dim(0)?);
     y.reshape(out_dims)

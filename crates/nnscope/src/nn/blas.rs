@@ -1,0 +1,237 @@
+//! Optional system GEMM kernels for `Linear`/`Conv1D` on the CPU.
+//!
+//! candle's CPU matrix multiply (the `gemm` crate) reaches about a third to a half of what PyTorch
+//! gets from oneDNN on AVX-512 machines. With the cargo feature `dnnl` (Debian: `libdnnl-dev`, the
+//! kernel PyTorch uses) or `openblas` (Debian: `libopenblas-dev`), float32 products of contiguous
+//! CPU tensors go through that library's `sgemm` instead. Everything else (other dtypes, devices,
+//! strided inputs) keeps candle's path, which is also the whole story in the default build, so the
+//! default build needs no system package.
+//!
+//! The libraries run single-threaded; products are split over candle's rayon pool
+//! (`RAYON_NUM_THREADS`), so every kernel in a forward shares one pool of threads.
+
+use candle_core::Tensor;
+
+/// Name of the kernel `Linear` uses for float32 CPU products in this build.
+pub fn backend() -> &'static str {
+    if cfg!(feature = "dnnl") {
+        "onednn-sgemm"
+    } else if cfg!(feature = "openblas") {
+        "openblas-sgemm"
+    } else {
+        "candle-gemm"
+    }
+}
+
+#[cfg(any(feature = "dnnl", feature = "openblas"))]
+mod ffi {
+    #[cfg(feature = "dnnl")]
+    use std::os::raw::c_char;
+    use std::os::raw::{c_float, c_int};
+
+    #[cfg(feature = "dnnl")]
+    #[link(name = "dnnl")]
+    extern "C" {
+        /// Row-major C = alpha op(A) op(B) + beta C (oneDNN's BLAS-like API; returns a status).
+        pub fn dnnl_sgemm(
+            transa: c_char,
+            transb: c_char,
+            m: i64,
+            n: i64,
+            k: i64,
+            alpha: c_float,
+            a: *const c_float,
+            lda: i64,
+            b: *const c_float,
+            ldb: i64,
+            beta: c_float,
+            c: *mut c_float,
+            ldc: i64,
+        ) -> c_int;
+    }
+    #[cfg(feature = "dnnl")]
+    #[link(name = "gomp")]
+    extern "C" {
+        /// Debian's oneDNN runs on GNU OpenMP.
+        pub fn omp_set_num_threads(n: c_int);
+    }
+
+    #[cfg(all(feature = "openblas", not(feature = "dnnl")))]
+    #[link(name = "openblas")]
+    extern "C" {
+        pub fn cblas_sgemm(
+            order: c_int,
+            transa: c_int,
+            transb: c_int,
+            m: c_int,
+            n: c_int,
+            k: c_int,
+            alpha: c_float,
+            a: *const c_float,
+            lda: c_int,
+            b: *const c_float,
+            ldb: c_int,
+            beta: c_float,
+            c: *mut c_float,
+            ldc: c_int,
+        );
+        pub fn openblas_set_num_threads(n: c_int);
+    }
+    #[cfg(all(feature = "openblas", not(feature = "dnnl")))]
+    pub const ROW_MAJOR: c_int = 101;
+    #[cfg(all(feature = "openblas", not(feature = "dnnl")))]
+    pub const NO_TRANS: c_int = 111;
+    #[cfg(all(feature = "openblas", not(feature = "dnnl")))]
+    pub const TRANS: c_int = 112;
+}
+
+/// One library call: `a [m, k]` times the rows `b [nc, k]` into columns of `c` (row stride `ldc`).
+///
+/// # Safety
+/// `a` must hold `m * k` floats, `b` `nc * k`, and `c` must be valid for writes of rows `0..m`,
+/// columns `0..nc` at stride `ldc`, with no other thread touching those elements.
+#[cfg(any(feature = "dnnl", feature = "openblas"))]
+unsafe fn sgemm_nt_raw(
+    m: usize,
+    nc: usize,
+    k: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+) -> candle_core::Result<()> {
+    #[cfg(feature = "dnnl")]
+    {
+        // One OpenMP thread per call (the setting is per calling thread): the parallelism is ours.
+        ffi::omp_set_num_threads(1);
+        let st = ffi::dnnl_sgemm(
+            b'N' as _, b'T' as _, m as i64, nc as i64, k as i64, 1.0, a, k as i64, b, k as i64, 0.0, c,
+            ldc as i64,
+        );
+        if st != 0 {
+            candle_core::bail!("dnnl_sgemm failed with status {st}");
+        }
+    }
+    #[cfg(all(feature = "openblas", not(feature = "dnnl")))]
+    {
+        let max = i32::MAX as usize;
+        if m > max || nc > max || k > max || ldc > max {
+            candle_core::bail!("sgemm: dimensions exceed the 32-bit BLAS interface");
+        }
+        ffi::cblas_sgemm(
+            ffi::ROW_MAJOR, ffi::NO_TRANS, ffi::TRANS, m as i32, nc as i32, k as i32, 1.0, a, k as i32, b,
+            k as i32, 0.0, c, ldc as i32,
+        );
+    }
+    Ok(())
+}
+
+/// A pointer that may cross threads: each task writes its own columns of the output.
+#[cfg(any(feature = "dnnl", feature = "openblas"))]
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: the tasks given a `SendPtr` write disjoint column ranges (see `sgemm_nt`).
+#[cfg(any(feature = "dnnl", feature = "openblas"))]
+unsafe impl Send for SendPtr {}
+#[cfg(any(feature = "dnnl", feature = "openblas"))]
+unsafe impl Sync for SendPtr {}
+
+/// `a [m, k]` times `b^T` (`b` is `[n, k]`), row-major, into `c [m, n]`.
+///
+/// The library runs single-threaded and the product is split by output columns (rows of `b`) over
+/// candle's rayon pool, so one thread pool serves the whole forward: mixing OpenMP/pthread pools
+/// with rayon's made both spin against each other on a 2-core machine.
+#[cfg(any(feature = "dnnl", feature = "openblas"))]
+fn sgemm_nt(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) -> candle_core::Result<()> {
+    use rayon::prelude::*;
+    use std::sync::Once;
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        #[cfg(all(feature = "openblas", not(feature = "dnnl")))]
+        // SAFETY: a plain setter of the library's global thread count.
+        unsafe {
+            ffi::openblas_set_num_threads(1)
+        };
+    });
+    if a.len() < m * k || b.len() < n * k || c.len() < m * n {
+        candle_core::bail!("sgemm: buffers too small for {m}x{k} * ({n}x{k})^T");
+    }
+    let threads = rayon::current_num_threads().max(1);
+    // Small products, or too few columns to share: one call on this thread.
+    let flops = m * n * k;
+    let col_block = 64;
+    let chunks = if threads == 1 || flops < (1 << 20) || n < 2 * col_block {
+        1
+    } else {
+        // Two chunks per thread let work stealing even out a descheduled thread.
+        (2 * threads).min(n / col_block)
+    };
+    if chunks == 1 {
+        // SAFETY: sizes checked above; `c` is exclusively borrowed.
+        return unsafe { sgemm_nt_raw(m, n, k, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), n) };
+    }
+    // Column ranges, multiples of `col_block` except the last.
+    let per = n.div_ceil(chunks).div_ceil(col_block) * col_block;
+    let cp = SendPtr(c.as_mut_ptr());
+    (0..chunks).into_par_iter().try_for_each(|i| {
+        let n0 = (i * per).min(n);
+        let n1 = ((i + 1) * per).min(n);
+        if n0 == n1 {
+            return Ok(());
+        }
+        let cp = cp;
+        // SAFETY: rows n0..n1 of `b` are in bounds (n * k checked); this task alone writes columns
+        // n0..n1 of every row of `c`, which stay inside its m * n elements.
+        unsafe { sgemm_nt_raw(m, n1 - n0, k, a.as_ptr(), b.as_ptr().add(n0 * k), cp.0.add(n0), n) }
+    })
+}
+
+/// The candle op: lhs `[m, k]`, rhs `[n, k]`, both contiguous float32 on the CPU.
+#[cfg(any(feature = "dnnl", feature = "openblas"))]
+struct MatmulNt;
+
+#[cfg(any(feature = "dnnl", feature = "openblas"))]
+impl candle_core::CustomOp2 for MatmulNt {
+    fn name(&self) -> &'static str {
+        "sgemm-nt"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) else {
+            candle_core::bail!("sgemm-nt: float32 only");
+        };
+        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            candle_core::bail!("sgemm-nt: contiguous inputs only");
+        };
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("sgemm-nt: inner dimensions differ ({k} vs {k2})");
+        }
+        let mut c = vec![0f32; m * n];
+        sgemm_nt(m, n, k, &a[a0..a1], &b[b0..b1], &mut c)?;
+        Ok((CpuStorage::F32(c), (m, n).into()))
+    }
+}
+
+/// `x [m, k]` times `w^T` (`w [n, k]`) through the system kernel, when this build has one and the
+/// operands suit it (float32, CPU, contiguous). `None` means: use candle's matmul.
+pub(crate) fn matmul_nt(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    #[cfg(any(feature = "dnnl", feature = "openblas"))]
+    {
+        use candle_core::DType;
+        let suits = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous();
+        if suits(x) && suits(w) && x.rank() == 2 && w.rank() == 2 {
+            return x.apply_op2_no_bwd(w, &MatmulNt).map(Some);
+        }
+    }
+    let _ = (x, w);
+    Ok(None)
+}
