@@ -38,7 +38,25 @@ def timeit(fn, warmup, iters):
 
 
 def peak_rss_mib():
+    """Peak resident set size (Linux VmHWM), MiB; falls back to getrusage."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def reset_peak_rss():
+    """Resets the peak-RSS mark (clear_refs 5) so the next reading covers only what follows."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def attn_probs_envoy(model, arch, layer):
@@ -118,11 +136,15 @@ def main():
                 raise RuntimeError("missing saves")
             return saved
 
+    load_peak = peak_rss_mib()
+    reset = reset_peak_rss()
     mn, med = timeit(fn, a.warmup, a.iters)
+    fwd_peak = peak_rss_mib()
     contender = "transformers" if a.mode == "eager" else "nnsight"
     print(json.dumps({"contender": contender, "mode": a.mode, "model": a.model, "batch": a.batch,
                       "tokens": a.tokens, "iters": a.iters, "min_ms": mn, "median_ms": med,
-                      "peak_rss_mib": peak_rss_mib(), "load_ms": load_ms, "dtype": a.dtype, **common}),
+                      "peak_rss_mib": max(load_peak, fwd_peak),
+                      "forward_peak_rss_mib": fwd_peak if reset else None, "load_ms": load_ms, "dtype": a.dtype, **common}),
           flush=True)
 
 

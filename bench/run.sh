@@ -9,7 +9,8 @@
 #   BENCH_ITERS     timed iterations for batch 1 (default 10; batch 8 uses half, at least 3)
 #   BENCH_WARMUP    warm-up iterations (default 2)
 #   BENCH_MODELS    checkpoints to run (default "gpt2 llama")
-#   BENCH_FEATURES  extra cargo features for nnscope (e.g. "openblas"; needs libopenblas-dev)
+#   BENCH_FEATURES  cargo features for nnscope's matmul kernel. Default "dnnl" (oneDNN, installed with
+#                   apt-get when missing and run as root); "" = candle's own kernel; "openblas".
 #   BENCH_7B=1      also build a 7B-shaped bfloat16 LLaMA (13.5 GB) and trace 32 tokens through it
 #   CARGO_TARGET_DIR  honoured (the bench binaries are copied out of it)
 set -euo pipefail
@@ -22,7 +23,7 @@ THREADS="${BENCH_THREADS:-2}"
 ITERS="${BENCH_ITERS:-10}"
 WARMUP="${BENCH_WARMUP:-2}"
 MODELS="${BENCH_MODELS:-gpt2 llama}"
-FEATURES="${BENCH_FEATURES:-}"
+FEATURES="${BENCH_FEATURES-dnnl}"
 # The same thread count for everyone: candle (rayon + gemm), torch (OpenMP / intra-op), BLAS.
 export RAYON_NUM_THREADS="$THREADS" OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS" \
     OPENBLAS_NUM_THREADS="$THREADS"
@@ -51,6 +52,28 @@ CKPTS=($MODELS)
 [[ "${BENCH_7B:-0}" == 1 ]] && CKPTS+=(llama7b)
 log "checkpoints: ${CKPTS[*]}"
 "$PY" "$HERE/make_checkpoints.py" "$WORK/checkpoints" "${CKPTS[@]}" >&2
+
+# --- System kernel for nnscope's Linear (the default build needs none) --------------------------
+have_lib() {
+    local d
+    for d in /usr/lib/*/ /usr/lib/ /usr/local/lib/; do [[ -e "$d/lib$1.so" ]] && return 0; done
+    return 1
+}
+need_pkg() { # feature library package
+    if [[ " $FEATURES " == *" $1 "* ]] && ! have_lib "$2"; then
+        if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+            log "installing $3"
+            apt-get install -y "$3" >&2 || { apt-get update >&2 && apt-get install -y "$3" >&2; }
+        fi
+        if ! have_lib "$2"; then
+            log "WARNING: lib$2 missing and not installable: nnscope falls back to candle's matmul kernel"
+            FEATURES="${FEATURES//$1/}"
+        fi
+    fi
+}
+need_pkg dnnl dnnl libdnnl-dev
+need_pkg openblas openblas libopenblas-dev
+FEATURES="$(echo $FEATURES)"
 
 # --- nnscope: instrumented (default features) and instrumentation compiled out ----------------
 cd "$ROOT"

@@ -20,8 +20,16 @@ use std::time::Instant;
 /// Same ids as bench_py.py: id = (1 + 7919 * i) mod min(vocab, 32000), i counting row-major.
 fn ids(batch: usize, tokens: usize, vocab: usize) -> candle_core::Result<Tensor> {
     let v = vocab.min(32000) as u64;
-    let data: Vec<u32> = (0..(batch * tokens) as u64).map(|i| ((1 + 7919 * i) % v) as u32).collect();
+    let data: Vec<u32> = (0..(batch * tokens) as u64)
+        .map(|i| ((1 + 7919 * i) % v) as u32)
+        .collect();
     Tensor::from_vec(data, (batch, tokens), &Device::Cpu)
+}
+
+/// Resets the kernel's peak-RSS mark (Linux `clear_refs` 5), so that a later [`peak_rss_mib`] gives the
+/// peak since now. Returns whether it worked.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 /// Peak resident set size of this process in MiB (Linux `VmHWM`), if readable.
@@ -57,8 +65,14 @@ fn parse_args() -> Result<Args, String> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
-        let val = argv.get(i + 1).cloned().ok_or_else(|| format!("{} needs a value", argv[i]))?;
-        let num = || val.parse::<usize>().map_err(|e| format!("{}: {e}", argv[i]));
+        let val = argv
+            .get(i + 1)
+            .cloned()
+            .ok_or_else(|| format!("{} needs a value", argv[i]))?;
+        let num = || {
+            val.parse::<usize>()
+                .map_err(|e| format!("{}: {e}", argv[i]))
+        };
         match argv[i].as_str() {
             "--model" => a.model = val.clone(),
             "--mode" => a.mode = val.clone(),
@@ -93,7 +107,11 @@ fn parse_args() -> Result<Args, String> {
 fn stats(mut v: Vec<f64>) -> (f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
-    let med = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+    let med = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
     (v[0], med)
 }
 
@@ -132,6 +150,18 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 Ok(())
             })?;
             let gflop = 2.0 * (n * n * n) as f64 / 1e9;
+            if backend != "candle-gemm" {
+                // candle's own kernel too, for comparison with the system one.
+                let wt = w.t()?;
+                let (cmn, cmed) = time(a.warmup, a.iters, || {
+                    let _ = x.matmul(&wt)?;
+                    Ok(())
+                })?;
+                println!(
+                    "{{\"contender\":\"candle\",\"mode\":\"matmul\",\"n\":{n},\"min_ms\":{cmn:.3},\"median_ms\":{cmed:.3},\"gflops\":{:.1},\"threads\":\"{threads}\",\"backend\":\"candle-gemm\"}}",
+                    gflop / (cmn / 1e3)
+                );
+            }
             println!(
                 "{{\"contender\":\"nnscope\",\"mode\":\"matmul\",\"n\":{n},\"min_ms\":{mn:.3},\"median_ms\":{med:.3},\"gflops\":{:.1},\"threads\":\"{threads}\",\"backend\":\"{backend}\"}}",
                 gflop / (mn / 1e3)
@@ -148,6 +178,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let input_ids = ids(a.batch, a.tokens, model.vocab_size())?;
     let layers = model.num_layers();
+    // Peak so far (loading), then the peak of the forwards alone.
+    let load_peak = peak_rss_mib();
+    let reset = reset_peak_rss();
     let (mn, med) = match a.mode.as_str() {
         "plain" => time(a.warmup, a.iters, || {
             let logits = model.forward(&Input::ids(input_ids.clone()))?;
@@ -161,11 +194,18 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             time(a.warmup, a.iters, || {
                 let mut tr = model.trace(Input::ids(input_ids.clone()));
                 for l in 0..layers {
-                    tr = tr.save(&format!("attention_probabilities.{l}"))?.save(&format!("layers_output.{l}"))?;
+                    tr = tr
+                        .save(&format!("attention_probabilities.{l}"))?
+                        .save(&format!("layers_output.{l}"))?;
                 }
                 let out = tr.run()?;
                 if out.saved.len() != 2 * layers {
-                    return Err(format!("expected {} saved values, got {}", 2 * layers, out.saved.len()).into());
+                    return Err(format!(
+                        "expected {} saved values, got {}",
+                        2 * layers,
+                        out.saved.len()
+                    )
+                    .into());
                 }
                 std::hint::black_box(out);
                 Ok(())
@@ -173,9 +213,18 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
         other => return Err(format!("unknown --mode {other} (plain, traced, matmul)").into()),
     };
-    let rss = peak_rss_mib().map(|m| format!("{m:.1}")).unwrap_or_else(|| "null".into());
+    let fwd_peak = peak_rss_mib();
+    let num = |v: Option<f64>| {
+        v.map(|m| format!("{m:.1}"))
+            .unwrap_or_else(|| "null".into())
+    };
+    let rss = num(match (load_peak, fwd_peak) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    });
+    let fwd_rss = num(if reset { fwd_peak } else { None });
     println!(
-        "{{\"contender\":\"nnscope\",\"mode\":\"{}\",\"model\":\"{}\",\"batch\":{},\"tokens\":{},\"iters\":{},\"min_ms\":{mn:.3},\"median_ms\":{med:.3},\"peak_rss_mib\":{rss},\"load_ms\":{load_ms:.1},\"instrumented\":{},\"threads\":\"{threads}\",\"backend\":\"{backend}\",\"dtype\":\"{:?}\"}}",
+        "{{\"contender\":\"nnscope\",\"mode\":\"{}\",\"model\":\"{}\",\"batch\":{},\"tokens\":{},\"iters\":{},\"min_ms\":{mn:.3},\"median_ms\":{med:.3},\"peak_rss_mib\":{rss},\"forward_peak_rss_mib\":{fwd_rss},\"load_ms\":{load_ms:.1},\"instrumented\":{},\"threads\":\"{threads}\",\"backend\":\"{backend}\",\"dtype\":\"{:?}\"}}",
         a.mode,
         a.model.replace('\\', "\\\\").replace('"', "\\\""),
         a.batch,

@@ -85,18 +85,23 @@ mod ffi {
     pub const TRANS: c_int = 112;
 }
 
-/// One library call: `a [m, k]` times the rows `b [nc, k]` into columns of `c` (row stride `ldc`).
+/// One library call: `a [m, k]` times `op(b)` into `nc` columns of `c` (row stride `ldc`). With
+/// `trans_b`, `b` holds rows `[nc, k]` (stride `ldb`) and is used transposed; otherwise `b` is
+/// `[k, nc]` with row stride `ldb`.
 ///
 /// # Safety
-/// `a` must hold `m * k` floats, `b` `nc * k`, and `c` must be valid for writes of rows `0..m`,
-/// columns `0..nc` at stride `ldc`, with no other thread touching those elements.
+/// `a` must hold `m * k` floats, `b` the elements described, and `c` must be valid for writes of
+/// rows `0..m`, columns `0..nc` at stride `ldc`, with no other thread touching those elements.
 #[cfg(any(feature = "dnnl", feature = "openblas"))]
-unsafe fn sgemm_nt_raw(
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_raw(
     m: usize,
     nc: usize,
     k: usize,
     a: *const f32,
     b: *const f32,
+    ldb: usize,
+    trans_b: bool,
     c: *mut f32,
     ldc: usize,
 ) -> candle_core::Result<()> {
@@ -104,9 +109,10 @@ unsafe fn sgemm_nt_raw(
     {
         // One OpenMP thread per call (the setting is per calling thread): the parallelism is ours.
         ffi::omp_set_num_threads(1);
+        let tb = if trans_b { b'T' } else { b'N' };
         let st = ffi::dnnl_sgemm(
-            b'N' as _, b'T' as _, m as i64, nc as i64, k as i64, 1.0, a, k as i64, b, k as i64, 0.0, c,
-            ldc as i64,
+            b'N' as _, tb as _, m as i64, nc as i64, k as i64, 1.0, a, k as i64, b, ldb as i64,
+            0.0, c, ldc as i64,
         );
         if st != 0 {
             candle_core::bail!("dnnl_sgemm failed with status {st}");
@@ -115,12 +121,25 @@ unsafe fn sgemm_nt_raw(
     #[cfg(all(feature = "openblas", not(feature = "dnnl")))]
     {
         let max = i32::MAX as usize;
-        if m > max || nc > max || k > max || ldc > max {
+        if m > max || nc > max || k > max || ldb > max || ldc > max {
             candle_core::bail!("sgemm: dimensions exceed the 32-bit BLAS interface");
         }
+        let tb = if trans_b { ffi::TRANS } else { ffi::NO_TRANS };
         ffi::cblas_sgemm(
-            ffi::ROW_MAJOR, ffi::NO_TRANS, ffi::TRANS, m as i32, nc as i32, k as i32, 1.0, a, k as i32, b,
-            k as i32, 0.0, c, ldc as i32,
+            ffi::ROW_MAJOR,
+            ffi::NO_TRANS,
+            tb,
+            m as i32,
+            nc as i32,
+            k as i32,
+            1.0,
+            a,
+            k as i32,
+            b,
+            ldb as i32,
+            0.0,
+            c,
+            ldc as i32,
         );
     }
     Ok(())
@@ -136,13 +155,22 @@ unsafe impl Send for SendPtr {}
 #[cfg(any(feature = "dnnl", feature = "openblas"))]
 unsafe impl Sync for SendPtr {}
 
-/// `a [m, k]` times `b^T` (`b` is `[n, k]`), row-major, into `c [m, n]`.
+/// `a [m, k]` times `b^T` (`b` is `[n, k]`, `trans_b`) or times `b` (`[k, n]`), row-major, into
+/// `c [m, n]`.
 ///
 /// The library runs single-threaded and the product is split by output columns (rows of `b`) over
 /// candle's rayon pool, so one thread pool serves the whole forward: mixing OpenMP/pthread pools
 /// with rayon's made both spin against each other on a 2-core machine.
 #[cfg(any(feature = "dnnl", feature = "openblas"))]
-fn sgemm_nt(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) -> candle_core::Result<()> {
+fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    trans_b: bool,
+    c: &mut [f32],
+) -> candle_core::Result<()> {
     use rayon::prelude::*;
     use std::sync::Once;
     static ONCE: Once = Once::new();
@@ -168,7 +196,20 @@ fn sgemm_nt(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) -
     };
     if chunks == 1 {
         // SAFETY: sizes checked above; `c` is exclusively borrowed.
-        return unsafe { sgemm_nt_raw(m, n, k, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), n) };
+        let ldb = if trans_b { k } else { n };
+        return unsafe {
+            sgemm_raw(
+                m,
+                n,
+                k,
+                a.as_ptr(),
+                b.as_ptr(),
+                ldb,
+                trans_b,
+                c.as_mut_ptr(),
+                n,
+            )
+        };
     }
     // Column ranges, multiples of `col_block` except the last.
     let per = n.div_ceil(chunks).div_ceil(col_block) * col_block;
@@ -180,13 +221,41 @@ fn sgemm_nt(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) -
             return Ok(());
         }
         let cp = cp;
-        // SAFETY: rows n0..n1 of `b` are in bounds (n * k checked); this task alone writes columns
-        // n0..n1 of every row of `c`, which stay inside its m * n elements.
-        unsafe { sgemm_nt_raw(m, n1 - n0, k, a.as_ptr(), b.as_ptr().add(n0 * k), cp.0.add(n0), n) }
+        // SAFETY: output features n0..n1 of `b` (rows when transposed, columns otherwise) are in
+        // bounds (n * k checked); this task alone writes columns n0..n1 of every row of `c`, which
+        // stay inside its m * n elements.
+        unsafe {
+            if trans_b {
+                sgemm_raw(
+                    m,
+                    n1 - n0,
+                    k,
+                    a.as_ptr(),
+                    b.as_ptr().add(n0 * k),
+                    k,
+                    true,
+                    cp.0.add(n0),
+                    n,
+                )
+            } else {
+                sgemm_raw(
+                    m,
+                    n1 - n0,
+                    k,
+                    a.as_ptr(),
+                    b.as_ptr().add(n0),
+                    n,
+                    false,
+                    cp.0.add(n0),
+                    n,
+                )
+            }
+        }
     })
 }
 
-/// The candle op: lhs `[m, k]`, rhs `[n, k]`, both contiguous float32 on the CPU.
+/// The candle op: lhs `[m, k]` contiguous, rhs `[n, k]` either contiguous or the transposed view of
+/// a contiguous `[k, n]` matrix (GPT-2's `Conv1D` weights, used as stored), float32 on the CPU.
 #[cfg(any(feature = "dnnl", feature = "openblas"))]
 struct MatmulNt;
 
@@ -207,16 +276,28 @@ impl candle_core::CustomOp2 for MatmulNt {
         let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) else {
             candle_core::bail!("sgemm-nt: float32 only");
         };
-        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
-            candle_core::bail!("sgemm-nt: contiguous inputs only");
-        };
         let (m, k) = l1.shape().dims2()?;
         let (n, k2) = l2.shape().dims2()?;
         if k != k2 {
             candle_core::bail!("sgemm-nt: inner dimensions differ ({k} vs {k2})");
         }
+        let Some((a0, a1)) = l1.contiguous_offsets() else {
+            candle_core::bail!("sgemm-nt: contiguous lhs only");
+        };
+        let (trans_b, b0) = if l2.is_contiguous() {
+            (true, l2.start_offset())
+        } else if l2.stride() == [1, n] {
+            (false, l2.start_offset())
+        } else {
+            candle_core::bail!(
+                "sgemm-nt: rhs must be contiguous or a transposed contiguous matrix"
+            );
+        };
+        let Some(b) = b.get(b0..b0 + n * k) else {
+            candle_core::bail!("sgemm-nt: rhs storage too small");
+        };
         let mut c = vec![0f32; m * n];
-        sgemm_nt(m, n, k, &a[a0..a1], &b[b0..b1], &mut c)?;
+        sgemm(m, n, k, &a[a0..a1], b, trans_b, &mut c)?;
         Ok((CpuStorage::F32(c), (m, n).into()))
     }
 }
@@ -227,8 +308,9 @@ pub(crate) fn matmul_nt(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Te
     #[cfg(any(feature = "dnnl", feature = "openblas"))]
     {
         use candle_core::DType;
-        let suits = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous();
-        if suits(x) && suits(w) && x.rank() == 2 && w.rank() == 2 {
+        let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && t.rank() == 2;
+        let w_ok = w.is_contiguous() || w.stride() == [1, w.dim(0)?];
+        if f32_cpu(x) && f32_cpu(w) && x.is_contiguous() && w_ok {
             return x.apply_op2_no_bwd(w, &MatmulNt).map(Some);
         }
     }

@@ -88,7 +88,8 @@ pub struct Conv1D {
     pub weight: Tensor,
     /// [out_features].
     pub bias: Tensor,
-    /// The weight transposed once at load ([out, in], contiguous) so the forward needs no copy.
+    /// `weight.t()`: a strided view ([out, in]), not a copy. Both kernels read the stored [in, out]
+    /// layout directly, so the forward needs no copy and the weights are held once in memory.
     weight_t: Tensor,
     scope: Scope,
 }
@@ -98,7 +99,7 @@ impl Conv1D {
     pub fn new(nf: usize, nx: usize, vb: Builder) -> Result<Self> {
         let weight = vb.get((nx, nf), "weight")?;
         let bias = vb.get(nf, "bias")?;
-        let weight_t = weight.t()?.contiguous()?;
+        let weight_t = weight.t()?;
         Ok(Conv1D {
             weight,
             bias,
