@@ -278,12 +278,27 @@ fn discovery_finds_the_seed_table_path_on_every_fixture() {
         let model = common::load(&name);
         let row = architecture(model.arch.model_type).unwrap();
         let d = nnscope::discover::find_attention_probabilities(&model).unwrap();
+        // Discovery never reads the registry; it must land on what the registry gives for this
+        // model's configuration...
+        let registered = model.attention_probabilities_path().unwrap();
         assert_eq!(
-            d.hookpoint, row.attention_probabilities,
+            d.hookpoint, registered,
             "{name}: candidates {:?}",
             d.candidates
         );
-        assert_eq!(d.prob_shape, row.prob_shape, "{name}");
+        assert_eq!(
+            d.prob_shape,
+            model.attention_probabilities_shape(),
+            "{name}"
+        );
+        // ...which, for each architecture's base fixture, is the seed's table path as written.
+        if name == row.model_type {
+            assert_eq!(
+                d.hookpoint, row.attention_probabilities,
+                "{name}: the seed's table"
+            );
+            assert_eq!(d.prob_shape, row.prob_shape, "{name}");
+        }
         assert!(d.changes_output, "{name}");
         assert!(
             d.listing.contains(">> "),
