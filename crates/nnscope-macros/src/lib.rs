@@ -253,7 +253,7 @@ fn probe_expr(inner: Expr, site: u32, info: &syn::Ident, span: Span) -> Expr {
     syn::parse2(quote_spanned! {span=>
         {
             #[allow(unused_imports)]
-            use ::nnscope::__rt::{ProbeAny as _, ProbeTensor as _, ProbeResult as _, ProbePair as _, ProbePairResult as _};
+            use ::nnscope::__rt::{ProbeAny as _, ProbeTensor as _, ProbeResult as _, ProbePair as _, ProbePairResult as _, ProbeTriple as _, ProbeTripleResult as _, ProbeQuad as _, ProbeQuadResult as _};
             ::nnscope::__rt::pend0(#site);
             (&::nnscope::__rt::Probe::new(#inner, #site, &#info)).probe()
         }
@@ -385,7 +385,7 @@ fn instrument_fn(
             #[allow(clippy::redundant_closure_call)]
             let __nns_out = (|| -> #ret_ty #body)();
             #[allow(unused_imports)]
-            use ::nnscope::__rt::{ProbeAny as _, ProbeTensor as _, ProbeResult as _, ProbePair as _, ProbePairResult as _};
+            use ::nnscope::__rt::{ProbeAny as _, ProbeTensor as _, ProbeResult as _, ProbePair as _, ProbePairResult as _, ProbeTriple as _, ProbeTripleResult as _, ProbeQuad as _, ProbeQuadResult as _};
             let __nns_out = (&::nnscope::__rt::Probe::new(__nns_out, #out_site, &#info_ident)).probe();
             drop(__nns_scope);
             __nns_out
