@@ -10,3 +10,18 @@ fn gpt2() {
 fn llama() {
     common::parity("llama");
 }
+
+#[test]
+fn qwen2_moe() {
+    common::parity("qwen2_moe");
+}
+
+#[test]
+fn dbrx() {
+    common::parity("dbrx");
+}
+
+#[test]
+fn gpt_oss() {
+    common::parity("gpt_oss");
+}
