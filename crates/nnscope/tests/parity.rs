@@ -108,3 +108,9 @@ fn gpt_oss_yarn_truncate() {
     common::parity("gpt_oss_yarn_truncate");
     gpt_oss_sinks_and_uniform_attention("gpt_oss_yarn_truncate");
 }
+
+#[test]
+fn dbrx_p3_all_experts() {
+    // Generic p-norm (p=3) router normalization, top-4 of 4 experts, relu experts.
+    common::parity("dbrx_p3_all_experts");
+}

@@ -158,10 +158,13 @@ impl DbrxConfig {
     }
 }
 
-/// `torch.norm(x, p, dim=-1, keepdim=True)` for the router's weights.
+/// `torch.norm(x, p, dim=-1, keepdim=True)` for the router's weights (p = 0 counts the non-zero
+/// entries, as torch does).
 #[hooked]
 fn p_norm(x: &Tensor, p: f64) -> Result<Tensor> {
-    if p == 1.0 {
+    if p == 0.0 {
+        x.ne(0.0)?.to_dtype(x.dtype())?.sum_keepdim(D::Minus1)
+    } else if p == 1.0 {
         x.abs()?.sum_keepdim(D::Minus1)
     } else if p == 2.0 {
         x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()
