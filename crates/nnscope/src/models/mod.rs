@@ -9,13 +9,20 @@ use crate::config::Config;
 use crate::nn::Builder;
 use candle_core::Tensor;
 
+pub mod dbrx;
 pub mod gpt2;
+pub mod gpt_oss;
 pub mod llama;
+pub mod qwen2_moe;
 
 /// A causal language model's forward pass.
 pub trait CausalLM: Send + Sync {
     /// Logits [B, T, vocab] for `input_ids` [B, T] (and a 0/1 `attention_mask` [B, T]).
-    fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> candle_core::Result<Tensor>;
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor>;
 }
 
 /// Builds a model from its config and weights.
@@ -82,6 +89,27 @@ pub const ARCHITECTURES: &[Architecture] = &[
         load: llama::load,
         attention_probabilities: "source.attention_interface_0.source.nn_functional_dropout_0",
         prob_shape: ProbShape::Standard,
+    },
+    Architecture {
+        model_type: "qwen2_moe",
+        class: "Qwen2MoeForCausalLM",
+        load: qwen2_moe::load,
+        attention_probabilities: "source.nn_functional_dropout_0",
+        prob_shape: ProbShape::Standard,
+    },
+    Architecture {
+        model_type: "dbrx",
+        class: "DbrxForCausalLM",
+        load: dbrx::load,
+        attention_probabilities: "attn.source.nn_functional_dropout_0",
+        prob_shape: ProbShape::Standard,
+    },
+    Architecture {
+        model_type: "gpt_oss",
+        class: "GptOssForCausalLM",
+        load: gpt_oss::load,
+        attention_probabilities: "source.attention_interface_0.source.F_softmax_0",
+        prob_shape: ProbShape::SinkColumn,
     },
 ];
 

@@ -11,7 +11,11 @@ use candle_core::{DType, Result, Tensor, D};
 pub fn softmax(x: &Tensor, dim: D) -> Result<Tensor> {
     let dt = x.dtype();
     let last = dim.to_index(x.shape(), "softmax")? + 1 == x.rank();
-    let xf = if dt == DType::F32 { x.clone() } else { x.to_dtype(DType::F32)? };
+    let xf = if dt == DType::F32 {
+        x.clone()
+    } else {
+        x.to_dtype(DType::F32)?
+    };
     let y = if last {
         candle_nn::ops::softmax_last_dim(&xf)?
     } else {
@@ -28,4 +32,34 @@ pub fn softmax(x: &Tensor, dim: D) -> Result<Tensor> {
 /// attention the dropout's output is the attention probabilities that multiply V.
 pub fn dropout(x: &Tensor, _p: f64) -> Result<Tensor> {
     Ok(x.clone())
+}
+
+/// `F.linear`: x W^T (+ b), with W stored [out, in] as torch does.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let y = super::layers::matmul_t(x, weight)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// `torch.sigmoid` / `F.sigmoid`.
+pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::sigmoid(x)
+}
+
+/// `torch.topk(x, k, dim=-1)`: the `k` largest values of each row, largest first, and their indices
+/// (u32). Routers call it, so it is one hookpoint whose value is the (values, indices) pair.
+pub fn topk(x: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
+    let n = x.dim(D::Minus1)?;
+    if k > n {
+        candle_core::bail!("topk: k ({k}) is larger than the dimension ({n})");
+    }
+    let indices = x
+        .contiguous()?
+        .arg_sort_last_dim(false)?
+        .narrow(D::Minus1, 0, k)?
+        .contiguous()?;
+    let values = x.contiguous()?.gather(&indices, D::Minus1)?;
+    Ok((values, indices))
 }

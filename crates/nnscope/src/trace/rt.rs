@@ -32,7 +32,10 @@ pub struct FnInfo {
 impl FnInfo {
     /// Site index of a label, if the function has it.
     pub fn site(&self, label: &str) -> Option<u32> {
-        self.labels.iter().position(|l| *l == label).map(|i| i as u32)
+        self.labels
+            .iter()
+            .position(|l| *l == label)
+            .map(|i| i as u32)
     }
 }
 
@@ -260,66 +263,94 @@ impl ProbeResult for Probe<Result<Tensor>> {
         }
         match apply(self.site, self.info, Value::Tensor(r?), Kind::Tensor)? {
             Value::Tensor(n) => Ok(n),
-            Value::Tuple(_) => Err(candle_core::Error::Msg("nnscope: tuple for a tensor".into())),
+            Value::Tuple(_) => Err(candle_core::Error::Msg(
+                "nnscope: tuple for a tensor".into(),
+            )),
         }
     }
 }
 
-fn into_pair(v: Value) -> Result<(Tensor, Tensor)> {
-    match v {
-        Value::Tuple(v) if v.len() == 2 => {
-            let mut it = v.into_iter();
-            match (it.next(), it.next()) {
-                (Some(a), Some(b)) => Ok((a, b)),
-                _ => Err(candle_core::Error::Msg("nnscope: pair expected".into())),
+/// Probes for tuples of tensors (attention interfaces return pairs, MoE routers triples), plain
+/// and in a `Result`. One macro so every arity behaves the same.
+macro_rules! tuple_probes {
+    ($plain:ident, $result:ident, $n:literal, $tuple:ty, $($v:ident),+) => {
+        /// Calls returning a tuple of tensors.
+        pub trait $plain {
+            /// Passes the tuple through the trace's requests for this site.
+            fn probe(&self) -> $tuple;
+        }
+        impl $plain for Probe<$tuple> {
+            #[inline(always)]
+            fn probe(&self) -> $tuple {
+                let v = self.take();
+                if !wants(self.site, self.info, Kind::Tuple($n)) {
+                    return v;
+                }
+                let keep = v.clone();
+                let ($($v,)+) = v;
+                apply(self.site, self.info, Value::Tuple(vec![$($v),+]), Kind::Tuple($n))
+                    .and_then(|v| {
+                        let mut it = into_tuple(v, $n)?.into_iter();
+                        Ok(($({
+                            let $v = it.next();
+                            $v.ok_or_else(|| tuple_error($n))?
+                        },)+))
+                    })
+                    .unwrap_or(keep)
             }
         }
-        _ => Err(candle_core::Error::Msg("nnscope: pair expected".into())),
-    }
-}
-
-/// Calls returning a pair of tensors.
-pub trait ProbePair {
-    /// Passes the pair through the trace's requests for this site.
-    fn probe(&self) -> (Tensor, Tensor);
-}
-impl ProbePair for Probe<(Tensor, Tensor)> {
-    #[inline(always)]
-    fn probe(&self) -> (Tensor, Tensor) {
-        let (a, b) = self.take();
-        if !wants(self.site, self.info, Kind::Tuple(2)) {
-            return (a, b);
+        /// Calls returning `Result` of a tuple of tensors.
+        pub trait $result {
+            /// Passes the tuple through the trace's requests for this site.
+            fn probe(&self) -> Result<$tuple>;
         }
-        let keep = (a.clone(), b.clone());
-        apply(self.site, self.info, Value::Tuple(vec![a, b]), Kind::Tuple(2))
-            .and_then(into_pair)
-            .unwrap_or(keep)
-    }
-}
-
-/// Calls returning `Result<(Tensor, Tensor)>`.
-pub trait ProbePairResult {
-    /// Passes the pair through the trace's requests for this site.
-    fn probe(&self) -> Result<(Tensor, Tensor)>;
-}
-impl ProbePairResult for Probe<Result<(Tensor, Tensor)>> {
-    #[inline(always)]
-    fn probe(&self) -> Result<(Tensor, Tensor)> {
-        let r = self.take();
-        if !wants(self.site, self.info, Kind::Tuple(2)) {
-            return r;
+        impl $result for Probe<Result<$tuple>> {
+            #[inline(always)]
+            fn probe(&self) -> Result<$tuple> {
+                let r = self.take();
+                if !wants(self.site, self.info, Kind::Tuple($n)) {
+                    return r;
+                }
+                let ($($v,)+) = r?;
+                let v = apply(self.site, self.info, Value::Tuple(vec![$($v),+]), Kind::Tuple($n))?;
+                let mut it = into_tuple(v, $n)?.into_iter();
+                Ok(($({
+                    let $v = it.next();
+                    $v.ok_or_else(|| tuple_error($n))?
+                },)+))
+            }
         }
-        let (a, b) = r?;
-        into_pair(apply(self.site, self.info, Value::Tuple(vec![a, b]), Kind::Tuple(2))?)
+    };
+}
+
+fn tuple_error(n: usize) -> candle_core::Error {
+    candle_core::Error::Msg(format!("nnscope: a tuple of {n} tensors was expected"))
+}
+
+fn into_tuple(v: Value, n: usize) -> Result<Vec<Tensor>> {
+    match v {
+        Value::Tuple(v) if v.len() == n => Ok(v),
+        _ => Err(tuple_error(n)),
     }
 }
 
-/// Runs `f` with no trace active on this thread (used for internal passes such as shape probes).
-// Not called yet in this crate; kept for internal passes (allowed so `clippy -D warnings` passes).
-#[allow(dead_code)]
-pub(crate) fn without_trace<R>(f: impl FnOnce() -> R) -> R {
-    let prev = ACTIVE.with(|a| a.replace(std::ptr::null()));
-    let r = f();
-    ACTIVE.with(|a| a.set(prev));
-    r
-}
+tuple_probes!(ProbePair, ProbePairResult, 2, (Tensor, Tensor), a, b);
+tuple_probes!(
+    ProbeTriple,
+    ProbeTripleResult,
+    3,
+    (Tensor, Tensor, Tensor),
+    a,
+    b,
+    c
+);
+tuple_probes!(
+    ProbeQuad,
+    ProbeQuadResult,
+    4,
+    (Tensor, Tensor, Tensor, Tensor),
+    a,
+    b,
+    c,
+    d
+);

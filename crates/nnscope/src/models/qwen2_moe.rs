@@ -1,0 +1,698 @@
+//! Qwen2-MoE (`qwen2_moe`).
+//!
+//! Ports transformers' `modeling_qwen2_moe.py` (5.24) with one deliberate difference kept from
+//! transformers 4.x: the attention is written out inside `Qwen2MoeAttention::forward`, calling
+//! `nn.functional.dropout` directly, so that the attention probabilities are the hookpoint
+//! `attentions.L.source.nn_functional_dropout_0` named by the seed's table (5.x moved that call into a
+//! shared `eager_attention_forward`; the arithmetic is the same).
+//!
+//! The sparse block mirrors 5.24's module tree: `mlp.gate` (top-k router), `mlp.experts` (every
+//! expert's weights as fused 3-D tensors, loaded from either the fused or the per-expert checkpoint
+//! layout), `mlp.shared_expert` and `mlp.shared_expert_gate`. Only the experts some token is routed to
+//! are computed, each on its own tokens (gathered with `index_select`, added back with `index_add`).
+
+use super::llama::repeat_kv;
+use super::CausalLM;
+use crate::config::Config;
+use crate::nn::functional as F;
+use crate::nn::rope::{self, apply_rotary_pos_emb};
+use crate::nn::{self, mask, Activation, Builder, Embedding, Linear, RmsNorm};
+use crate::trace::{hooked, Scope};
+use candle_core::{DType, Result, Tensor, D};
+
+/// The configuration of a Qwen2-MoE model, as `Qwen2MoeConfig` reads it (with its defaults).
+#[derive(Debug, Clone)]
+pub struct Qwen2MoeConfig {
+    /// Hidden size.
+    pub hidden_size: usize,
+    /// Width of the dense MLP of `mlp_only_layers` (and of layers off the sparse step).
+    pub intermediate_size: usize,
+    /// Layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (GQA).
+    pub num_key_value_heads: usize,
+    /// Head size.
+    pub head_dim: usize,
+    /// Activation of every MLP and expert.
+    pub hidden_act: Activation,
+    /// RMS norm epsilon.
+    pub rms_norm_eps: f64,
+    /// Bias on q, k, v.
+    pub qkv_bias: bool,
+    /// Attention dropout (inactive at inference, kept for the dropout call).
+    pub attention_dropout: f64,
+    /// Sliding window of each layer (`None`: full attention).
+    pub sliding_window: Vec<Option<usize>>,
+    /// Whether layer i is a sparse MoE block (else a dense `Qwen2MoeMLP`).
+    pub sparse: Vec<bool>,
+    /// Routed experts.
+    pub num_experts: usize,
+    /// Experts per token.
+    pub num_experts_per_tok: usize,
+    /// Renormalize the top-k probabilities to sum to 1.
+    pub norm_topk_prob: bool,
+    /// Width of each routed expert.
+    pub moe_intermediate_size: usize,
+    /// Width of the shared expert.
+    pub shared_expert_intermediate_size: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// lm_head shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// RoPE parameters.
+    pub rope: rope::RopeParams,
+}
+
+fn config_error(cfg: &Config, msg: String) -> crate::Error {
+    crate::Error::Config {
+        path: cfg.path.clone(),
+        msg,
+    }
+}
+
+impl Qwen2MoeConfig {
+    /// Reads the keys `Qwen2MoeConfig` reads, with its defaults and its `__post_init__`.
+    pub fn read(cfg: &Config) -> crate::Result<Self> {
+        let hidden_size = cfg.usize_or("hidden_size", 2048)?;
+        let num_hidden_layers = cfg.usize_or("num_hidden_layers", 24)?;
+        let num_attention_heads = cfg.usize_or("num_attention_heads", 16)?;
+        let num_key_value_heads = cfg.usize_or("num_key_value_heads", 16)?;
+        if num_attention_heads == 0
+            || num_key_value_heads == 0
+            || num_attention_heads % num_key_value_heads != 0
+        {
+            return Err(config_error(
+                cfg,
+                format!(
+                    "num_attention_heads ({num_attention_heads}) must be a positive multiple of num_key_value_heads ({num_key_value_heads})"
+                ),
+            ));
+        }
+        let head_dim = cfg.usize_or("head_dim", hidden_size / num_attention_heads)?;
+        let act_name = cfg.str_or("hidden_act", "silu")?;
+        let hidden_act = Activation::from_name(act_name).ok_or_else(|| {
+            config_error(
+                cfg,
+                format!(
+                    "hidden_act `{act_name}` is not supported; supported: {}",
+                    nn::ACTIVATION_NAMES_LIST.join(", ")
+                ),
+            )
+        })?;
+        // `__post_init__`: the window only exists with `use_sliding_window`, and the default layer
+        // types put it on even layers below `max_window_layers`.
+        let use_sliding_window = cfg.bool_or("use_sliding_window", false)?;
+        let window = if use_sliding_window {
+            cfg.raw
+                .get("sliding_window")
+                .map_or(Ok(Some(4096)), |_| cfg.opt_usize("sliding_window"))?
+        } else {
+            None
+        };
+        // A window of 0 (what `save_pretrained` writes when sliding is off) means full attention.
+        let window = window.filter(|w| *w > 0);
+        let max_window_layers = cfg.usize_or("max_window_layers", 28)?;
+        let layer_types: Vec<bool> = match cfg.opt_str_list("layer_types")? {
+            Some(lt) => {
+                if lt.len() < num_hidden_layers {
+                    return Err(config_error(
+                        cfg,
+                        format!(
+                            "`layer_types` has {} entries for {num_hidden_layers} layers",
+                            lt.len()
+                        ),
+                    ));
+                }
+                lt.iter()
+                    .take(num_hidden_layers)
+                    .map(|t| t == "sliding_attention")
+                    .collect()
+            }
+            None => (0..num_hidden_layers)
+                .map(|i| (i + 1) % 2 == 1 && i < max_window_layers && use_sliding_window)
+                .collect(),
+        };
+        let sliding_window = layer_types
+            .iter()
+            .map(|s| if *s { window } else { None })
+            .collect();
+
+        let num_experts = cfg.usize_or("num_experts", 60)?;
+        let num_experts_per_tok = cfg.usize_or("num_experts_per_tok", 4)?;
+        let decoder_sparse_step = cfg.usize_or("decoder_sparse_step", 1)?;
+        let mlp_only_layers = cfg.opt_usize_list("mlp_only_layers")?.unwrap_or_default();
+        if num_experts > 0 && decoder_sparse_step == 0 {
+            return Err(config_error(
+                cfg,
+                "decoder_sparse_step must be at least 1".into(),
+            ));
+        }
+        if num_experts > 0 && (num_experts_per_tok == 0 || num_experts_per_tok > num_experts) {
+            return Err(config_error(
+                cfg,
+                format!("num_experts_per_tok ({num_experts_per_tok}) must be between 1 and num_experts ({num_experts})"),
+            ));
+        }
+        let sparse = (0..num_hidden_layers)
+            .map(|i| {
+                !mlp_only_layers.contains(&i)
+                    && num_experts > 0
+                    && (i + 1) % decoder_sparse_step == 0
+            })
+            .collect();
+        Ok(Qwen2MoeConfig {
+            hidden_size,
+            intermediate_size: cfg.usize_or("intermediate_size", 5632)?,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            hidden_act,
+            rms_norm_eps: cfg.f64_or("rms_norm_eps", 1e-6)?,
+            qkv_bias: cfg.bool_or("qkv_bias", true)?,
+            attention_dropout: cfg.f64_or("attention_dropout", 0.0)?,
+            sliding_window,
+            sparse,
+            num_experts,
+            num_experts_per_tok,
+            norm_topk_prob: cfg.bool_or("norm_topk_prob", false)?,
+            moe_intermediate_size: cfg.usize_or("moe_intermediate_size", 1408)?,
+            shared_expert_intermediate_size: cfg
+                .usize_or("shared_expert_intermediate_size", 5632)?,
+            vocab_size: cfg.usize_or("vocab_size", 151936)?,
+            tie_word_embeddings: cfg.bool_or("tie_word_embeddings", false)?,
+            rope: rope::RopeParams::from_config(cfg, 10000.0, 32768)?,
+        })
+    }
+}
+
+/// The tokens one expert is routed: which rows of the flattened hidden states, and where each
+/// (token, top-k slot) weight sits in the flattened [tokens * top_k] routing weights.
+#[derive(Debug, Clone)]
+pub struct ExpertHit {
+    /// Expert index.
+    pub expert: usize,
+    /// Token rows (u32), in `torch.where` order (by top-k slot, then token).
+    pub token_idx: Tensor,
+    /// Flat indices (u32) of the matching routing weights: token * top_k + slot.
+    pub weight_idx: Tensor,
+}
+
+/// The experts some token is routed to, ascending (the `expert_hit` loop of the Hugging Face experts
+/// modules). Indices outside `0..num_experts` are skipped, as 5.24 skips its masking index.
+pub fn expert_hits(top_k_index: &Tensor, num_experts: usize) -> Result<Vec<ExpertHit>> {
+    let idx = top_k_index.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+    let top_k = idx.first().map_or(0, |r| r.len());
+    let mut per_expert: Vec<(Vec<u32>, Vec<u32>)> = vec![(Vec::new(), Vec::new()); num_experts];
+    for slot in 0..top_k {
+        for (token, row) in idx.iter().enumerate() {
+            let e = row[slot] as usize;
+            if let Some((tokens, weights)) = per_expert.get_mut(e) {
+                tokens.push(token as u32);
+                weights.push((token * top_k + slot) as u32);
+            }
+        }
+    }
+    let device = top_k_index.device();
+    per_expert
+        .into_iter()
+        .enumerate()
+        .filter(|(_, (t, _))| !t.is_empty())
+        .map(|(expert, (t, w))| {
+            let n = t.len();
+            Ok(ExpertHit {
+                expert,
+                token_idx: Tensor::from_vec(t, n, device)?,
+                weight_idx: Tensor::from_vec(w, n, device)?,
+            })
+        })
+        .collect()
+}
+
+/// `Qwen2MoeMLP`: down(act(gate(x)) * up(x)), the dense MLP and the shared expert.
+pub struct Qwen2MoeMLP {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    act_fn: Activation,
+    scope: Scope,
+}
+
+impl Qwen2MoeMLP {
+    fn new(cfg: &Qwen2MoeConfig, intermediate_size: usize, vb: Builder) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, intermediate_size);
+        Ok(Qwen2MoeMLP {
+            gate_proj: Linear::new(h, i, false, vb.pp("gate_proj"))?,
+            up_proj: Linear::new(h, i, false, vb.pp("up_proj"))?,
+            down_proj: Linear::new(i, h, false, vb.pp("down_proj"))?,
+            act_fn: cfg.hidden_act,
+            scope: vb.scope::<Self>(),
+        })
+    }
+}
+
+#[hooked]
+impl Qwen2MoeMLP {
+    /// down_proj(act_fn(gate_proj(x)) * up_proj(x)).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let down_proj = self.down_proj.forward(
+            &(self.act_fn.forward(&self.gate_proj.forward(x)?)? * self.up_proj.forward(x)?)?,
+        )?;
+        Ok(down_proj)
+    }
+}
+
+/// `Qwen2MoeExperts`: every routed expert, weights fused as in transformers 5.24
+/// (`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]).
+pub struct Qwen2MoeExperts {
+    /// [num_experts, 2 * moe_intermediate_size, hidden]: gate rows then up rows.
+    pub gate_up_proj: Tensor,
+    /// [num_experts, hidden, moe_intermediate_size].
+    pub down_proj: Tensor,
+    num_experts: usize,
+    act_fn: Activation,
+    scope: Scope,
+}
+
+impl Qwen2MoeExperts {
+    /// Loads the fused tensors, or stacks the per-expert `experts.E.{gate,up,down}_proj.weight` that
+    /// `save_pretrained` writes.
+    fn new(cfg: &Qwen2MoeConfig, vb: Builder) -> Result<Self> {
+        let (e, h, i) = (cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size);
+        let (gate_up_proj, down_proj) = if vb.contains("gate_up_proj") {
+            (
+                vb.get((e, 2 * i, h), "gate_up_proj")?,
+                vb.get((e, h, i), "down_proj")?,
+            )
+        } else {
+            let mut gate_up = Vec::with_capacity(e);
+            let mut down = Vec::with_capacity(e);
+            for x in 0..e {
+                let vx = vb.pp(x);
+                let gate = vx.pp("gate_proj").get((i, h), "weight")?;
+                let up = vx.pp("up_proj").get((i, h), "weight")?;
+                gate_up.push(Tensor::cat(&[&gate, &up], 0)?);
+                down.push(vx.pp("down_proj").get((h, i), "weight")?);
+            }
+            (Tensor::stack(&gate_up, 0)?, Tensor::stack(&down, 0)?)
+        };
+        Ok(Qwen2MoeExperts {
+            gate_up_proj,
+            down_proj,
+            num_experts: e,
+            act_fn: cfg.hidden_act,
+            scope: vb.scope::<Self>(),
+        })
+    }
+}
+
+#[hooked]
+impl Qwen2MoeExperts {
+    /// Sum over each token's experts of weight * down(act(gate(x)) * up(x)); `hidden_states` is
+    /// [tokens, hidden], `top_k_index` / `top_k_weights` [tokens, top_k].
+    pub fn forward(
+        &self,
+        hidden_states: &Tensor,
+        top_k_index: &Tensor,
+        top_k_weights: &Tensor,
+    ) -> Result<Tensor> {
+        let mut final_hidden_states = hidden_states.zeros_like()?;
+        let expert_hit = expert_hits(top_k_index, self.num_experts)?;
+        let flat_weights = top_k_weights.flatten_all()?;
+        for hit in expert_hit.iter() {
+            let current_state = hidden_states.index_select(&hit.token_idx, 0)?;
+            let gate_up = F::linear(&current_state, &self.gate_up_proj.get(hit.expert)?, None)?;
+            let half = gate_up.dim(D::Minus1)? / 2;
+            let gate = gate_up.narrow(D::Minus1, 0, half)?;
+            let up = gate_up.narrow(D::Minus1, half, half)?;
+            let current_hidden_states = (self.act_fn.forward(&gate)? * up)?;
+            let current_hidden_states = F::linear(
+                &current_hidden_states,
+                &self.down_proj.get(hit.expert)?,
+                None,
+            )?;
+            let weights = flat_weights
+                .index_select(&hit.weight_idx, 0)?
+                .unsqueeze(1)?;
+            let current_hidden_states = current_hidden_states.broadcast_mul(&weights)?;
+            final_hidden_states = final_hidden_states.index_add(
+                &hit.token_idx,
+                &current_hidden_states.to_dtype(hidden_states.dtype())?,
+                0,
+            )?;
+        }
+        Ok(final_hidden_states)
+    }
+}
+
+/// `Qwen2MoeTopKRouter` (`mlp.gate`): softmax over the experts in float32, top-k, optional
+/// renormalization.
+pub struct Qwen2MoeTopKRouter {
+    /// [num_experts, hidden].
+    pub weight: Tensor,
+    top_k: usize,
+    norm_topk_prob: bool,
+    hidden_dim: usize,
+    scope: Scope,
+}
+
+#[hooked]
+impl Qwen2MoeTopKRouter {
+    /// (router_logits [tokens, E], routing weights [tokens, k], selected experts [tokens, k] u32).
+    pub fn forward(&self, hidden_states: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let hidden_states = hidden_states.reshape(((), self.hidden_dim))?;
+        let router_logits = F::linear(&hidden_states, &self.weight, None)?;
+        let router_probs =
+            nn::functional::softmax(&router_logits.to_dtype(DType::F32)?, D::Minus1)?;
+        let (router_top_value, router_indices) = F::topk(&router_probs, self.top_k)?;
+        let router_top_value = if self.norm_topk_prob {
+            router_top_value.broadcast_div(&router_top_value.sum_keepdim(D::Minus1)?)?
+        } else {
+            router_top_value
+        };
+        let router_scores = router_top_value.to_dtype(router_logits.dtype())?;
+        Ok((router_logits, router_scores, router_indices))
+    }
+}
+
+/// `Qwen2MoeSparseMoeBlock`: routed experts plus a sigmoid-gated shared expert.
+pub struct Qwen2MoeSparseMoeBlock {
+    gate: Qwen2MoeTopKRouter,
+    experts: Qwen2MoeExperts,
+    shared_expert: Qwen2MoeMLP,
+    shared_expert_gate: Linear,
+    scope: Scope,
+}
+
+impl Qwen2MoeSparseMoeBlock {
+    fn new(cfg: &Qwen2MoeConfig, vb: Builder) -> Result<Self> {
+        let vg = vb.pp("gate");
+        let gate = Qwen2MoeTopKRouter {
+            weight: vg.get((cfg.num_experts, cfg.hidden_size), "weight")?,
+            top_k: cfg.num_experts_per_tok,
+            norm_topk_prob: cfg.norm_topk_prob,
+            hidden_dim: cfg.hidden_size,
+            scope: vg.scope::<Qwen2MoeTopKRouter>(),
+        };
+        Ok(Qwen2MoeSparseMoeBlock {
+            gate,
+            experts: Qwen2MoeExperts::new(cfg, vb.pp("experts"))?,
+            shared_expert: Qwen2MoeMLP::new(
+                cfg,
+                cfg.shared_expert_intermediate_size,
+                vb.pp("shared_expert"),
+            )?,
+            shared_expert_gate: Linear::new(
+                cfg.hidden_size,
+                1,
+                false,
+                vb.pp("shared_expert_gate"),
+            )?,
+            scope: vb.scope::<Self>(),
+        })
+    }
+}
+
+#[hooked]
+impl Qwen2MoeSparseMoeBlock {
+    /// [B, T, hidden] -> [B, T, hidden].
+    pub fn forward(&self, hidden_states: &Tensor) -> Result<Tensor> {
+        let (batch_size, sequence_length, hidden_dim) = hidden_states.dims3()?;
+        let hidden_states_reshaped = hidden_states.reshape(((), hidden_dim))?;
+        let shared_expert_output = self.shared_expert.forward(&hidden_states_reshaped)?;
+        let (_router_logits, routing_weights, selected_experts) =
+            self.gate.forward(&hidden_states_reshaped)?;
+        let expert_output =
+            self.experts
+                .forward(&hidden_states_reshaped, &selected_experts, &routing_weights)?;
+
+        let shared_expert_output =
+            F::sigmoid(&self.shared_expert_gate.forward(&hidden_states_reshaped)?)?
+                .broadcast_mul(&shared_expert_output)?;
+
+        let expert_output = (expert_output + shared_expert_output)?;
+        expert_output.reshape((batch_size, sequence_length, hidden_dim))
+    }
+}
+
+/// A decoder layer's feed-forward: sparse MoE block or dense MLP (`mlp_only_layers`,
+/// `decoder_sparse_step`).
+pub enum Qwen2MoeFeedForward {
+    /// `Qwen2MoeSparseMoeBlock`.
+    Sparse(Qwen2MoeSparseMoeBlock),
+    /// `Qwen2MoeMLP` with `intermediate_size`.
+    Dense(Qwen2MoeMLP),
+}
+
+impl Qwen2MoeFeedForward {
+    /// Runs the block (each variant is a module with its own scope).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Qwen2MoeFeedForward::Sparse(m) => m.forward(x),
+            Qwen2MoeFeedForward::Dense(m) => m.forward(x),
+        }
+    }
+}
+
+/// `Qwen2MoeAttention`, with transformers 4.x's inline eager attention.
+pub struct Qwen2MoeAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_key_value_heads: usize,
+    head_dim: usize,
+    num_key_value_groups: usize,
+    scaling: f64,
+    attention_dropout: f64,
+    scope: Scope,
+}
+
+impl Qwen2MoeAttention {
+    fn new(cfg: &Qwen2MoeConfig, vb: Builder) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        Ok(Qwen2MoeAttention {
+            q_proj: Linear::new(h, nh * hd, cfg.qkv_bias, vb.pp("q_proj"))?,
+            k_proj: Linear::new(h, nkv * hd, cfg.qkv_bias, vb.pp("k_proj"))?,
+            v_proj: Linear::new(h, nkv * hd, cfg.qkv_bias, vb.pp("v_proj"))?,
+            o_proj: Linear::new(nh * hd, h, false, vb.pp("o_proj"))?,
+            num_heads: nh,
+            num_key_value_heads: nkv,
+            head_dim: hd,
+            num_key_value_groups: nh / nkv,
+            scaling: (hd as f64).powf(-0.5),
+            attention_dropout: cfg.attention_dropout,
+            scope: vb.scope::<Self>(),
+        })
+    }
+}
+
+#[hooked]
+impl Qwen2MoeAttention {
+    /// Self-attention over `hidden_states` [B, T, hidden]; the probabilities that multiply V are the
+    /// output of `nn_functional_dropout_0`.
+    pub fn forward(
+        &self,
+        hidden_states: &Tensor,
+        position_embeddings: &(Tensor, Tensor),
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (bsz, q_len, _) = hidden_states.dims3()?;
+
+        let query_states = self.q_proj.forward(hidden_states)?;
+        let key_states = self.k_proj.forward(hidden_states)?;
+        let value_states = self.v_proj.forward(hidden_states)?;
+
+        let query_states = query_states
+            .reshape((bsz, q_len, self.num_heads, self.head_dim))?
+            .transpose(1, 2)?;
+        let key_states = key_states
+            .reshape((bsz, q_len, self.num_key_value_heads, self.head_dim))?
+            .transpose(1, 2)?;
+        let value_states = value_states
+            .reshape((bsz, q_len, self.num_key_value_heads, self.head_dim))?
+            .transpose(1, 2)?;
+
+        let (cos, sin) = position_embeddings;
+        let (query_states, key_states) =
+            apply_rotary_pos_emb(&query_states, &key_states, cos, sin)?;
+
+        let key_states = repeat_kv(&key_states, self.num_key_value_groups)?;
+        let value_states = repeat_kv(&value_states, self.num_key_value_groups)?;
+
+        // 5.24 multiplies by `scaling` (4.x divided by sqrt(head_dim)); the goldens come from 5.24.
+        let mut attn_weights = (query_states.matmul(&key_states.transpose(2, 3)?)? * self.scaling)?;
+        if let Some(causal_mask) = attention_mask {
+            attn_weights = attn_weights.broadcast_add(causal_mask)?;
+        }
+
+        // Upcast to float32 for the softmax, back to the query's dtype after.
+        let attn_weights =
+            nn::functional::softmax(&attn_weights, D::Minus1)?.to_dtype(query_states.dtype())?;
+        let attn_weights = nn::functional::dropout(&attn_weights, self.attention_dropout)?;
+        let attn_output = attn_weights.matmul(&value_states.contiguous()?)?;
+
+        let attn_output = attn_output.transpose(1, 2)?.contiguous()?;
+        let attn_output = attn_output.reshape((bsz, q_len, ()))?;
+        self.o_proj.forward(&attn_output)
+    }
+}
+
+/// `Qwen2MoeDecoderLayer`.
+pub struct Qwen2MoeDecoderLayer {
+    self_attn: Qwen2MoeAttention,
+    mlp: Qwen2MoeFeedForward,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+    scope: Scope,
+}
+
+#[hooked]
+impl Qwen2MoeDecoderLayer {
+    /// Pre-norm attention and feed-forward, each with a residual connection.
+    pub fn forward(
+        &self,
+        hidden_states: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_embeddings: &(Tensor, Tensor),
+    ) -> Result<Tensor> {
+        let residual = hidden_states;
+        let hidden_states = self.input_layernorm.forward(hidden_states)?;
+        let hidden_states =
+            self.self_attn
+                .forward(&hidden_states, position_embeddings, attention_mask)?;
+        let hidden_states = (residual + hidden_states)?;
+
+        let residual = &hidden_states;
+        let mlp_input = self.post_attention_layernorm.forward(&hidden_states)?;
+        let mlp_output = self.mlp.forward(&mlp_input)?;
+        residual + mlp_output
+    }
+}
+
+/// `Qwen2MoeModel`: embeddings, layers and the final norm.
+pub struct Qwen2MoeModel {
+    embed_tokens: Embedding,
+    layers: Vec<Qwen2MoeDecoderLayer>,
+    norm: RmsNorm,
+    rotary_emb: rope::RotaryEmbedding,
+    sliding_window: Vec<Option<usize>>,
+    scope: Scope,
+}
+
+#[hooked]
+impl Qwen2MoeModel {
+    /// Hidden states after the final norm [B, T, hidden].
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let inputs_embeds = self.embed_tokens.forward(input_ids)?;
+        let (batch, seq_len) = input_ids.dims2()?;
+        let (dtype, device) = (inputs_embeds.dtype(), inputs_embeds.device());
+        let causal_mask = mask::causal_mask(attention_mask, batch, seq_len, None, dtype, device)?;
+        let window = self.sliding_window.iter().flatten().next().copied();
+        let sliding_mask = match window {
+            Some(w) => Some(mask::causal_mask(
+                attention_mask,
+                batch,
+                seq_len,
+                Some(w),
+                dtype,
+                device,
+            )?),
+            None => None,
+        };
+        let position_embeddings = self.rotary_emb.cos_sin(seq_len, dtype, device)?;
+        let mut hidden_states = inputs_embeds;
+        for (decoder_layer, window) in self.layers.iter().zip(self.sliding_window.iter()) {
+            let layer_mask = match (window, &sliding_mask) {
+                (Some(_), Some(m)) => m,
+                _ => &causal_mask,
+            };
+            hidden_states =
+                decoder_layer.forward(&hidden_states, Some(layer_mask), &position_embeddings)?;
+        }
+        self.norm.forward(&hidden_states)
+    }
+}
+
+/// `Qwen2MoeForCausalLM`: the model and its output head.
+pub struct Qwen2MoeForCausalLM {
+    model: Qwen2MoeModel,
+    lm_head: Linear,
+    scope: Scope,
+}
+
+#[hooked]
+impl Qwen2MoeForCausalLM {
+    /// Logits [B, T, vocab].
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let hidden_states = self.model.forward(input_ids, attention_mask)?;
+        self.lm_head.forward(&hidden_states)
+    }
+}
+
+impl CausalLM for Qwen2MoeForCausalLM {
+    fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        Qwen2MoeForCausalLM::forward(self, input_ids, attention_mask)
+    }
+}
+
+/// Builds a Qwen2-MoE model.
+pub fn load(config: &Config, vb: Builder) -> crate::Result<Box<dyn CausalLM>> {
+    let cfg = Qwen2MoeConfig::read(config)?;
+    let root = vb.clone();
+    let vb_m = vb.pp("model");
+    let embed_tokens = Embedding::new(cfg.vocab_size, cfg.hidden_size, vb_m.pp("embed_tokens"))?;
+    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    for i in 0..cfg.num_hidden_layers {
+        let vb_l = vb_m.pp("layers").pp(i);
+        let self_attn = Qwen2MoeAttention::new(&cfg, vb_l.pp("self_attn"))?;
+        let mlp = if cfg.sparse[i] {
+            Qwen2MoeFeedForward::Sparse(Qwen2MoeSparseMoeBlock::new(&cfg, vb_l.pp("mlp"))?)
+        } else {
+            Qwen2MoeFeedForward::Dense(Qwen2MoeMLP::new(
+                &cfg,
+                cfg.intermediate_size,
+                vb_l.pp("mlp"),
+            )?)
+        };
+        layers.push(Qwen2MoeDecoderLayer {
+            self_attn,
+            mlp,
+            input_layernorm: RmsNorm::new(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb_l.pp("input_layernorm"),
+            )?,
+            post_attention_layernorm: RmsNorm::new(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb_l.pp("post_attention_layernorm"),
+            )?,
+            scope: vb_l.scope::<Qwen2MoeDecoderLayer>(),
+        });
+    }
+    let norm = RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb_m.pp("norm"))?;
+    let rotary_emb = rope::RotaryEmbedding::new(cfg.rope.clone(), cfg.head_dim)?;
+    let model = Qwen2MoeModel {
+        embed_tokens,
+        layers,
+        norm,
+        rotary_emb,
+        sliding_window: cfg.sliding_window.clone(),
+        scope: vb_m.scope::<Qwen2MoeModel>(),
+    };
+    let lm_head = if cfg.tie_word_embeddings {
+        Linear::from_weights(model.embed_tokens.weight.clone(), None, &root.pp("lm_head"))
+    } else {
+        Linear::new(cfg.hidden_size, cfg.vocab_size, false, root.pp("lm_head"))?
+    };
+    Ok(Box::new(Qwen2MoeForCausalLM {
+        model,
+        lm_head,
+        scope: root.scope::<Qwen2MoeForCausalLM>(),
+    }))
+}
