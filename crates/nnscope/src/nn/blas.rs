@@ -154,6 +154,13 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 #[cfg(any(feature = "dnnl", feature = "openblas"))]
 unsafe impl Sync for SendPtr {}
+#[cfg(any(feature = "dnnl", feature = "openblas"))]
+impl SendPtr {
+    /// The pointer. A method (not a field read) so that closures capture the whole `Send` wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// `a [m, k]` times `b^T` (`b` is `[n, k]`, `trans_b`) or times `b` (`[k, n]`), row-major, into
 /// `c [m, n]`.
@@ -220,7 +227,6 @@ fn sgemm(
         if n0 == n1 {
             return Ok(());
         }
-        let cp = cp;
         // SAFETY: output features n0..n1 of `b` (rows when transposed, columns otherwise) are in
         // bounds (n * k checked); this task alone writes columns n0..n1 of every row of `c`, which
         // stay inside its m * n elements.
@@ -234,7 +240,7 @@ fn sgemm(
                     b.as_ptr().add(n0 * k),
                     k,
                     true,
-                    cp.0.add(n0),
+                    cp.get().add(n0),
                     n,
                 )
             } else {
@@ -246,7 +252,7 @@ fn sgemm(
                     b.as_ptr().add(n0),
                     n,
                     false,
-                    cp.0.add(n0),
+                    cp.get().add(n0),
                     n,
                 )
             }
