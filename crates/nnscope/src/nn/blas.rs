@@ -7,8 +7,8 @@
 //! strided inputs) keeps candle's path, which is also the whole story in the default build, so the
 //! default build needs no system package.
 //!
-//! The libraries run single-threaded; products are split over candle's rayon pool
-//! (`RAYON_NUM_THREADS`), so every kernel in a forward shares one pool of threads.
+//! The libraries run single-threaded; products are split by output columns over candle's own CPU
+//! worker pool (`RAYON_NUM_THREADS` threads), so every kernel in a forward shares one pool.
 
 use candle_core::Tensor;
 
@@ -145,29 +145,37 @@ unsafe fn sgemm_raw(
     Ok(())
 }
 
-/// A pointer that may cross threads: each task writes its own columns of the output.
-#[cfg(any(feature = "dnnl", feature = "openblas"))]
+/// A pointer that may cross threads: each task writes its own disjoint part of an output buffer.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: the tasks given a `SendPtr` write disjoint column ranges (see `sgemm_nt`).
-#[cfg(any(feature = "dnnl", feature = "openblas"))]
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: the tasks given a `SendPtr` write disjoint ranges of the buffer (see the callers).
 unsafe impl Send for SendPtr {}
-#[cfg(any(feature = "dnnl", feature = "openblas"))]
 unsafe impl Sync for SendPtr {}
-#[cfg(any(feature = "dnnl", feature = "openblas"))]
 impl SendPtr {
     /// The pointer. A method (not a field read) so that closures capture the whole `Send` wrapper.
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
+}
+
+/// Runs `f` over `0..n_items` split into ranges on candle's CPU worker pool (the barrier pool its
+/// element-wise ops use; the calling thread takes part). Using candle's pool rather than a second
+/// one keeps one set of worker threads busy per core: two pools spinning against each other cost
+/// a third of a forward on 2 cores.
+pub(crate) fn par_for(n_items: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    candle_core::utils::barrier_pool().execute_chunked(n_items, f)
+}
+
+/// Threads of [`par_for`]'s pool (the calling thread included).
+pub(crate) fn par_threads() -> usize {
+    candle_core::utils::barrier_pool().n_workers() + 1
 }
 
 /// `a [m, k]` times `b^T` (`b` is `[n, k]`, `trans_b`) or times `b` (`[k, n]`), row-major, into
 /// `c [m, n]`.
 ///
-/// The library runs single-threaded and the product is split by output columns (rows of `b`) over
-/// candle's rayon pool, so one thread pool serves the whole forward: mixing OpenMP/pthread pools
-/// with rayon's made both spin against each other on a 2-core machine.
+/// The library runs single-threaded and the product is split by output columns over [`par_for`]:
+/// mixing OpenMP/pthread pools with candle's made them spin against each other on 2 cores.
 #[cfg(any(feature = "dnnl", feature = "openblas"))]
 fn sgemm(
     m: usize,
@@ -178,8 +186,7 @@ fn sgemm(
     trans_b: bool,
     c: &mut [f32],
 ) -> candle_core::Result<()> {
-    use rayon::prelude::*;
-    use std::sync::Once;
+    use std::sync::{Mutex, Once};
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         #[cfg(all(feature = "openblas", not(feature = "dnnl")))]
@@ -191,14 +198,14 @@ fn sgemm(
     if a.len() < m * k || b.len() < n * k || c.len() < m * n {
         candle_core::bail!("sgemm: buffers too small for {m}x{k} * ({n}x{k})^T");
     }
-    let threads = rayon::current_num_threads().max(1);
+    let threads = par_threads();
     // Small products, or too few columns to share: one call on this thread.
     let flops = m * n * k;
     let col_block = 64;
     let chunks = if threads == 1 || flops < (1 << 20) || n < 2 * col_block {
         1
     } else {
-        // Two chunks per thread let work stealing even out a descheduled thread.
+        // Two chunks per thread let a fast thread take over part of a descheduled one's share.
         (2 * threads).min(n / col_block)
     };
     if chunks == 1 {
@@ -221,43 +228,47 @@ fn sgemm(
     // Column ranges, multiples of `col_block` except the last.
     let per = n.div_ceil(chunks).div_ceil(col_block) * col_block;
     let cp = SendPtr(c.as_mut_ptr());
-    (0..chunks).into_par_iter().try_for_each(|i| {
-        let n0 = (i * per).min(n);
-        let n1 = ((i + 1) * per).min(n);
-        if n0 == n1 {
-            return Ok(());
-        }
-        // SAFETY: output features n0..n1 of `b` (rows when transposed, columns otherwise) are in
-        // bounds (n * k checked); this task alone writes columns n0..n1 of every row of `c`, which
-        // stay inside its m * n elements.
-        unsafe {
-            if trans_b {
-                sgemm_raw(
-                    m,
-                    n1 - n0,
-                    k,
-                    a.as_ptr(),
-                    b.as_ptr().add(n0 * k),
-                    k,
-                    true,
-                    cp.get().add(n0),
-                    n,
-                )
+    let err = Mutex::new(None);
+    par_for(chunks, |range| {
+        for i in range {
+            let n0 = (i * per).min(n);
+            let n1 = ((i + 1) * per).min(n);
+            if n0 == n1 {
+                continue;
+            }
+            let (bp, ldb) = if trans_b {
+                // SAFETY: rows n0..n1 of `b` [n, k] are in bounds (n * k checked above).
+                (unsafe { b.as_ptr().add(n0 * k) }, k)
             } else {
+                // SAFETY: columns n0..n1 of `b` [k, n] are in bounds.
+                (unsafe { b.as_ptr().add(n0) }, n)
+            };
+            // SAFETY: this task alone writes columns n0..n1 of every row of `c`, which stay inside
+            // its m * n elements; `a` and `bp` are in bounds as above.
+            let r = unsafe {
                 sgemm_raw(
                     m,
                     n1 - n0,
                     k,
                     a.as_ptr(),
-                    b.as_ptr().add(n0),
-                    n,
-                    false,
+                    bp,
+                    ldb,
+                    trans_b,
                     cp.get().add(n0),
                     n,
                 )
+            };
+            if let Err(e) = r {
+                if let Ok(mut slot) = err.lock() {
+                    *slot = Some(e);
+                }
             }
         }
-    })
+    });
+    match err.into_inner() {
+        Ok(Some(e)) => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// The candle op: lhs `[m, k]` contiguous, rhs `[n, k]` either contiguous or the transposed view of
