@@ -130,10 +130,10 @@ impl candle_core::CustomOp1 for ParMap {
         let f = self.0;
         let len = src.len();
         let mut dst = vec![0f32; len];
-        let dp = super::blas::SendPtr(dst.as_mut_ptr());
+        let dp = super::cpu::SendPtr(dst.as_mut_ptr());
         // Blocks of 16 Ki elements: enough work per grab to amortise scheduling.
         const BLOCK: usize = 1 << 14;
-        super::blas::par_for(len.div_ceil(BLOCK), |blocks| {
+        super::cpu::par_for(len.div_ceil(BLOCK), |blocks| {
             let (lo, hi) = (blocks.start * BLOCK, (blocks.end * BLOCK).min(len));
             // SAFETY: each call gets a disjoint range of blocks, inside `dst`'s `len` elements.
             let d = unsafe { std::slice::from_raw_parts_mut(dp.get().add(lo), hi - lo) };
@@ -144,9 +144,9 @@ impl candle_core::CustomOp1 for ParMap {
 }
 
 /// `f` applied to every element of `x` in parallel when `x` is a contiguous float32 CPU tensor
-/// large enough to gain from it; `None` otherwise (the caller uses candle's op).
+/// large enough to gain from it (candle's own threshold for parallel element-wise ops); `None` otherwise (the caller uses candle's op).
 fn par_map_f32(x: &Tensor, f: fn(f32) -> f32) -> Result<Option<Tensor>> {
-    if x.dtype() != candle_core::DType::F32 || !x.device().is_cpu() || !x.is_contiguous() || x.elem_count() < 1 << 15 {
+    if x.dtype() != candle_core::DType::F32 || !x.device().is_cpu() || !x.is_contiguous() || x.elem_count() < 1 << 16 {
         return Ok(None);
     }
     x.apply_op1_no_bwd(&ParMap(f)).map(Some)

@@ -145,36 +145,10 @@ unsafe fn sgemm_raw(
     Ok(())
 }
 
-/// A pointer that may cross threads: each task writes its own disjoint part of an output buffer.
-#[derive(Clone, Copy)]
-pub(crate) struct SendPtr(pub(crate) *mut f32);
-// SAFETY: the tasks given a `SendPtr` write disjoint ranges of the buffer (see the callers).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    /// The pointer. A method (not a field read) so that closures capture the whole `Send` wrapper.
-    pub(crate) fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// Runs `f` over `0..n_items` split into ranges on candle's CPU worker pool (the barrier pool its
-/// element-wise ops use; the calling thread takes part). Using candle's pool rather than a second
-/// one keeps one set of worker threads busy per core: two pools spinning against each other cost
-/// a third of a forward on 2 cores.
-pub(crate) fn par_for(n_items: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
-    candle_core::utils::barrier_pool().execute_chunked(n_items, f)
-}
-
-/// Threads of [`par_for`]'s pool (the calling thread included).
-pub(crate) fn par_threads() -> usize {
-    candle_core::utils::barrier_pool().n_workers() + 1
-}
-
 /// `a [m, k]` times `b^T` (`b` is `[n, k]`, `trans_b`) or times `b` (`[k, n]`), row-major, into
 /// `c [m, n]`.
 ///
-/// The library runs single-threaded and the product is split by output columns over [`par_for`]:
+/// The library runs single-threaded and the product is split by output columns over `cpu::par_for`:
 /// mixing OpenMP/pthread pools with candle's made them spin against each other on 2 cores.
 #[cfg(any(feature = "dnnl", feature = "openblas"))]
 fn sgemm(
@@ -198,11 +172,12 @@ fn sgemm(
     if a.len() < m * k || b.len() < n * k || c.len() < m * n {
         candle_core::bail!("sgemm: buffers too small for {m}x{k} * ({n}x{k})^T");
     }
-    let threads = par_threads();
-    // Small products, or too few columns to share: one call on this thread.
-    let flops = m * n * k;
+    let threads = super::cpu::par_threads();
+    // Small products, or too few columns to share: one call on this thread. Below ~4M multiply-adds
+    // (about 0.1 ms on one core) waking a parked worker can cost more than the split saves.
+    let macs = m * n * k;
     let col_block = 64;
-    let chunks = if threads == 1 || flops < (1 << 20) || n < 2 * col_block {
+    let chunks = if threads == 1 || macs < (1 << 22) || n < 2 * col_block {
         1
     } else {
         // Two chunks per thread let a fast thread take over part of a descheduled one's share.
@@ -227,9 +202,9 @@ fn sgemm(
     }
     // Column ranges, multiples of `col_block` except the last.
     let per = n.div_ceil(chunks).div_ceil(col_block) * col_block;
-    let cp = SendPtr(c.as_mut_ptr());
+    let cp = super::cpu::SendPtr(c.as_mut_ptr());
     let err = Mutex::new(None);
-    par_for(chunks, |range| {
+    super::cpu::par_for(chunks, |range| {
         for i in range {
             let n0 = (i * per).min(n);
             let n1 = ((i + 1) * per).min(n);

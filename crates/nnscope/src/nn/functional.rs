@@ -17,7 +17,11 @@ pub fn softmax(x: &Tensor, dim: D) -> Result<Tensor> {
         x.to_dtype(DType::F32)?
     };
     let y = if last {
-        candle_nn::ops::softmax_last_dim(&xf)?
+        // Performance: a float32 CPU kernel without libm's slow underflow path (see nn/cpu.rs).
+        match super::cpu::softmax_last_dim_f32(&xf)? {
+            Some(y) => y,
+            None => candle_nn::ops::softmax_last_dim(&xf)?,
+        }
     } else {
         candle_nn::ops::softmax(&xf, dim)?
     };

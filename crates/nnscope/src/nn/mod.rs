@@ -5,6 +5,7 @@
 
 mod activation;
 mod blas;
+mod cpu;
 mod builder;
 pub mod functional;
 mod layers;
