@@ -131,7 +131,9 @@ impl Model {
         // read, and their headers were validated above; a file changed by another process while
         // mapped is outside what any mmap-based loader can guard against.
         let vb = unsafe {
-            candle_nn::VarBuilder::from_mmaped_safetensors(&files, opts.dtype, &opts.device)
+            // Performance: like `VarBuilder::from_mmaped_safetensors`, but each tensor's mapped pages
+            // are released once copied, so loading does not peak at twice the checkpoint (nn/mmap.rs).
+            crate::nn::mmap::var_builder(&files, opts.dtype, &opts.device)
         }
         .map_err(|e| Error::Weights {
             path: files[0].clone(),

@@ -6,6 +6,7 @@
 mod activation;
 mod blas;
 mod cpu;
+pub(crate) mod mmap;
 mod builder;
 pub mod functional;
 mod layers;
