@@ -356,7 +356,9 @@ fn instrument_fn(
     if passthrough {
         if module_forward {
             // The plain forward no longer reads `self.scope`; keep the field used (no dead-code lint).
-            block.stmts.insert(0, syn::parse_quote!(let _ = &self.scope;));
+            block
+                .stmts
+                .insert(0, syn::parse_quote!(let _ = &self.scope;));
         }
         return FnParts {
             info_ident,

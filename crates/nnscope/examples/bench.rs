@@ -145,8 +145,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         for &n in &a.sizes {
             let x = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
             let w = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+            // The layout `Linear` keeps its weight in (candle's kernel below uses the plain one).
+            let w_lin = nnscope::nn::prepare_linear_weight(w.clone())?;
             let (mn, med) = time(a.warmup, a.iters, || {
-                let _ = nnscope::nn::linear_matmul(&x, &w)?;
+                let _ = nnscope::nn::linear_matmul(&x, &w_lin)?;
                 Ok(())
             })?;
             let gflop = 2.0 * (n * n * n) as f64 / 1e9;

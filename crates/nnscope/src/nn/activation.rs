@@ -146,7 +146,11 @@ impl candle_core::CustomOp1 for ParMap {
 /// `f` applied to every element of `x` in parallel when `x` is a contiguous float32 CPU tensor
 /// large enough to gain from it (candle's own threshold for parallel element-wise ops); `None` otherwise (the caller uses candle's op).
 fn par_map_f32(x: &Tensor, f: fn(f32) -> f32) -> Result<Option<Tensor>> {
-    if x.dtype() != candle_core::DType::F32 || !x.device().is_cpu() || !x.is_contiguous() || x.elem_count() < 1 << 16 {
+    if x.dtype() != candle_core::DType::F32
+        || !x.device().is_cpu()
+        || !x.is_contiguous()
+        || x.elem_count() < 1 << 16
+    {
         return Ok(None);
     }
     x.apply_op1_no_bwd(&ParMap(f)).map(Some)
@@ -161,11 +165,25 @@ mod tests {
     #[test]
     fn parallel_activations_match_candle() -> Result<()> {
         let x = (Tensor::randn(0f32, 3.0, (64, 1024), &Device::Cpu)? - 0.5)?;
-        for (act, reference) in [(Activation::GeluTanh, x.gelu()?), (Activation::Silu, x.silu()?)] {
+        for (act, reference) in [
+            (Activation::GeluTanh, x.gelu()?),
+            (Activation::Silu, x.silu()?),
+        ] {
             let y = act.forward(&x)?;
-            let err = (y - &reference)?.abs()?.max_keepdim(D::Minus1)?.max(0)?.to_vec1::<f32>()?[0];
-            let scale = reference.abs()?.max_keepdim(D::Minus1)?.max(0)?.to_vec1::<f32>()?[0];
-            assert!(err <= 1e-6 * scale, "{act:?}: max abs error {err} (scale {scale})");
+            let err = (y - &reference)?
+                .abs()?
+                .max_keepdim(D::Minus1)?
+                .max(0)?
+                .to_vec1::<f32>()?[0];
+            let scale = reference
+                .abs()?
+                .max_keepdim(D::Minus1)?
+                .max(0)?
+                .to_vec1::<f32>()?[0];
+            assert!(
+                err <= 1e-6 * scale,
+                "{act:?}: max abs error {err} (scale {scale})"
+            );
         }
         Ok(())
     }

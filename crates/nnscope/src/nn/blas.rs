@@ -294,6 +294,19 @@ impl candle_core::CustomOp2 for MatmulNt {
     }
 }
 
+/// A `Linear` weight `[out, in]` in the layout the system kernel is fastest with, prepared once at
+/// load: with a system kernel, float32 CPU weights are stored transposed (`[in, out]` contiguous)
+/// and returned as the `[out, in]` view of that storage, so shape and values are unchanged. oneDNN's
+/// sgemm reads `x W` about 3x faster than `x W^T` at 16 tokens (it re-packs a transposed weight on
+/// every call) and 1.3x faster at 128. Without a system kernel the weight is returned as is.
+pub(crate) fn prepare_weight(w: Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(any(feature = "dnnl", feature = "openblas"))]
+    if w.dtype() == candle_core::DType::F32 && w.device().is_cpu() && w.rank() == 2 {
+        return w.t()?.contiguous()?.t();
+    }
+    Ok(w)
+}
+
 /// `x [m, k]` times `w^T` (`w [n, k]`) through the system kernel, when this build has one and the
 /// operands suit it (float32, CPU, contiguous). `None` means: use candle's matmul.
 pub(crate) fn matmul_nt(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {

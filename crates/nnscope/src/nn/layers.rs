@@ -18,7 +18,7 @@ pub struct Linear {
 impl Linear {
     /// Loads `weight` (and `bias` when `bias` is true) under the builder's path.
     pub fn new(in_dim: usize, out_dim: usize, bias: bool, vb: Builder) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let weight = super::blas::prepare_weight(vb.get((out_dim, in_dim), "weight")?)?;
         let bias = if bias {
             Some(vb.get(out_dim, "bias")?)
         } else {
@@ -47,8 +47,14 @@ pub fn gemm_backend() -> &'static str {
     super::blas::backend()
 }
 
+/// A `[out, in]` weight in the memory layout `Linear` keeps it in for this build's kernel (same shape
+/// and values; see [`linear_matmul`]).
+pub fn prepare_linear_weight(w: Tensor) -> Result<Tensor> {
+    super::blas::prepare_weight(w)
+}
+
 /// `x [.., in]` times `w^T` (`w` is `[out, in]`), the product `Linear` computes: public so the
-/// benchmark can time exactly this kernel.
+/// benchmark can time exactly this kernel (pass `w` through [`prepare_linear_weight`] first).
 pub fn linear_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     matmul_t(x, w)
 }

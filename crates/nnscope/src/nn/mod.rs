@@ -5,14 +5,17 @@
 
 mod activation;
 mod blas;
-mod cpu;
-pub(crate) mod mmap;
 mod builder;
+mod cpu;
 pub mod functional;
 mod layers;
 pub mod mask;
+pub(crate) mod mmap;
 pub mod rope;
 
 pub use activation::{Activation, ACTIVATION_NAMES as ACTIVATION_NAMES_LIST};
 pub use builder::{Builder, ModuleEntry, ModuleTable};
-pub use layers::{gemm_backend, linear_matmul, Conv1D, Dropout, Embedding, LayerNorm, Linear, RmsNorm};
+pub use layers::{
+    gemm_backend, linear_matmul, prepare_linear_weight, Conv1D, Dropout, Embedding, LayerNorm,
+    Linear, RmsNorm,
+};
