@@ -8,6 +8,8 @@
 #   BENCH_PYTHON    a Python that already has torch, transformers, nnsight, safetensors (skips the venv)
 #   BENCH_ITERS     timed iterations for batch 1 (default 10; batch 8 uses half, at least 3)
 #   BENCH_WARMUP    warm-up iterations (default 2)
+#   BENCH_ROUNDS    rounds over all measurements (default 2); the report keeps each one's best round,
+#                   so a burst of load from other processes spoils at most one round
 #   BENCH_MODELS    checkpoints to run (default "gpt2 llama")
 #   BENCH_FEATURES  cargo features for nnscope's matmul kernel. Default "dnnl" (oneDNN, installed with
 #                   apt-get when missing and run as root); "" = candle's own kernel; "openblas".
@@ -22,6 +24,7 @@ mkdir -p "$WORK"
 THREADS="${BENCH_THREADS:-2}"
 ITERS="${BENCH_ITERS:-10}"
 WARMUP="${BENCH_WARMUP:-2}"
+ROUNDS="${BENCH_ROUNDS:-2}"
 MODELS="${BENCH_MODELS:-gpt2 llama}"
 FEATURES="${BENCH_FEATURES-dnnl}"
 # The same thread count for everyone: candle (rayon + gemm), torch (OpenMP / intra-op), BLAS.
@@ -106,9 +109,6 @@ matmul_lines() {
     "$@" 2>"$WORK/last.err" | grep '^{' >>"$OUT" || { log "FAILED: $*"; tail -n 5 "$WORK/last.err" >&2; }
 }
 
-log "matrix-multiply peak (torch) and candle/nnscope's Linear kernel"
-matmul_lines "$PY" "$HERE/bench_py.py" --mode matmul --sizes 512,1024,2048 --iters 10 --threads "$THREADS"
-matmul_lines "$WORK/bench-hooks" --mode matmul --sizes 512,1024,2048 --iters 10
 
 run_shape() { # model-dir batch tokens iters
     local m="$1" b="$2" t="$3" it="$4" w="$WARMUP"
@@ -121,13 +121,19 @@ run_shape() { # model-dir batch tokens iters
     measure "$PY" "$HERE/bench_py.py" --mode nnsight "${common[@]}" --threads "$THREADS"
 }
 
-# (5) per-trace fixed cost: the tiny fixture, many iterations.
-run_shape "$ROOT/tests/fixtures/llama" 1 39 200
 BIG_ITERS=$(( ITERS / 2 > 3 ? ITERS / 2 : 3 ))
-for m in $MODELS; do
-    run_shape "$WORK/checkpoints/$m" 1 16 "$ITERS"
-    run_shape "$WORK/checkpoints/$m" 1 128 "$ITERS"
-    run_shape "$WORK/checkpoints/$m" 8 128 "$BIG_ITERS"
+for round in $(seq 1 "$ROUNDS"); do
+    log "round $round of $ROUNDS"
+    log "matrix-multiply peak (torch) and candle/nnscope's Linear kernel"
+    matmul_lines "$PY" "$HERE/bench_py.py" --mode matmul --sizes 512,1024,2048 --iters 10 --threads "$THREADS"
+    matmul_lines "$WORK/bench-hooks" --mode matmul --sizes 512,1024,2048 --iters 10
+    # (5) per-trace fixed cost: the tiny fixture, many iterations.
+    run_shape "$ROOT/tests/fixtures/llama" 1 39 200
+    for m in $MODELS; do
+        run_shape "$WORK/checkpoints/$m" 1 16 "$ITERS"
+        run_shape "$WORK/checkpoints/$m" 1 128 "$ITERS"
+        run_shape "$WORK/checkpoints/$m" 8 128 "$BIG_ITERS"
+    done
 done
 if [[ "${BENCH_7B:-0}" == 1 ]]; then
     log "7B-shaped LLaMA, bfloat16, traced forward of 32 tokens"
