@@ -41,7 +41,16 @@ else
     PY="$HERE/.venv/bin/python"
     if ! "$PY" -c "import torch, transformers, nnsight, safetensors" 2>/dev/null; then
         log "creating $HERE/.venv (torch CPU wheels, transformers, nnsight)"
-        python3 -m venv "$HERE/.venv"
+        if ! python3 -m venv "$HERE/.venv"; then
+            # Debian/Ubuntu ship venv separately.
+            if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+                apt-get install -y python3-venv >&2 || { apt-get update >&2 && apt-get install -y python3-venv >&2; }
+                python3 -m venv "$HERE/.venv"
+            else
+                echo "python3 -m venv failed: install python3-venv or set BENCH_PYTHON" >&2
+                exit 1
+            fi
+        fi
         "$PY" -m pip install --upgrade pip >/dev/null
         # CPU wheels: this benchmark runs on the CPU; the CUDA build would only add gigabytes.
         "$PY" -m pip install torch --index-url "${BENCH_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
