@@ -10,3 +10,18 @@ fn gpt2() {
 fn llama() {
     common::parity("llama");
 }
+
+#[test]
+fn gptj() {
+    common::parity("gptj");
+}
+
+#[test]
+fn bloom() {
+    common::parity("bloom");
+}
+
+#[test]
+fn stablelm() {
+    common::parity("stablelm");
+}

@@ -9,13 +9,20 @@ use crate::config::Config;
 use crate::nn::Builder;
 use candle_core::Tensor;
 
+pub mod bloom;
 pub mod gpt2;
+pub mod gptj;
 pub mod llama;
+pub mod stablelm;
 
 /// A causal language model's forward pass.
 pub trait CausalLM: Send + Sync {
     /// Logits [B, T, vocab] for `input_ids` [B, T] (and a 0/1 `attention_mask` [B, T]).
-    fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> candle_core::Result<Tensor>;
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor>;
 }
 
 /// Builds a model from its config and weights.
@@ -81,6 +88,27 @@ pub const ARCHITECTURES: &[Architecture] = &[
         class: "Qwen3ForCausalLM",
         load: llama::load,
         attention_probabilities: "source.attention_interface_0.source.nn_functional_dropout_0",
+        prob_shape: ProbShape::Standard,
+    },
+    Architecture {
+        model_type: "gptj",
+        class: "GPTJForCausalLM",
+        load: gptj::load,
+        attention_probabilities: "source.self__attn_0.source.self_attn_dropout_0",
+        prob_shape: ProbShape::Standard,
+    },
+    Architecture {
+        model_type: "bloom",
+        class: "BloomForCausalLM",
+        load: bloom::load,
+        attention_probabilities: "source.self_attention_dropout_0",
+        prob_shape: ProbShape::Standard,
+    },
+    Architecture {
+        model_type: "stablelm",
+        class: "StableLmForCausalLM",
+        load: stablelm::load,
+        attention_probabilities: "source.self_attention_dropout_0",
         prob_shape: ProbShape::Standard,
     },
 ];
