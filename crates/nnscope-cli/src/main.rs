@@ -8,11 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(
-    name = "nnscope",
-    version,
-    about = "Read and overwrite what happens inside transformer language models"
-)]
+#[command(name = "nnscope", version, about = "Read and overwrite what happens inside transformer language models")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -54,9 +50,7 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
         "float32" | "f32" | "fp32" => Ok(DType::F32),
         "bfloat16" | "bf16" => Ok(DType::BF16),
         "float16" | "f16" | "fp16" | "half" => Ok(DType::F16),
-        other => Err(format!(
-            "unknown --dtype `{other}`; use float32, bfloat16 or float16"
-        )),
+        other => Err(format!("unknown --dtype `{other}`; use float32, bfloat16 or float16")),
     }
 }
 
@@ -74,18 +68,7 @@ fn load(model: &str, dtype: DType) -> Result<Model, String> {
 fn expand_stars(name: &str, num_layers: usize) -> Vec<String> {
     if name.split('.').any(|p| p == "*") {
         (0..num_layers)
-            .map(|i| {
-                name.split('.')
-                    .map(|p| {
-                        if p == "*" {
-                            i.to_string()
-                        } else {
-                            p.to_string()
-                        }
-                    })
-                    .collect::<Vec<_>>()
-                    .join(".")
-            })
+            .map(|i| name.split('.').map(|p| if p == "*" { i.to_string() } else { p.to_string() }).collect::<Vec<_>>().join("."))
             .collect()
     } else {
         vec![name.to_string()]
@@ -93,8 +76,7 @@ fn expand_stars(name: &str, num_layers: usize) -> Vec<String> {
 }
 
 fn read_inputs(path: &Path) -> Result<Input, String> {
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| format!("{}: {e}", path.display()))?;
     let ids = tensors
         .get("input_ids")
         .ok_or_else(|| format!("{}: no tensor `input_ids`", path.display()))?
@@ -108,26 +90,16 @@ fn read_inputs(path: &Path) -> Result<Input, String> {
 
 /// Writes to a temporary file beside `out` and renames it, so a failure leaves nothing partial.
 fn write_atomic(tensors: &HashMap<String, Tensor>, out: &Path) -> Result<(), String> {
-    let dir = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if !dir.is_dir() {
-        return Err(format!(
-            "{}: the output folder {} does not exist",
-            out.display(),
-            dir.display()
-        ));
+        return Err(format!("{}: the output folder {} does not exist", out.display(), dir.display()));
     }
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
-        out.file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "out".into()),
+        out.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into()),
         std::process::id()
     ));
-    let r = candle_core::safetensors::save(tensors, &tmp)
-        .map_err(|e| format!("{}: {e}", out.display()));
+    let r = candle_core::safetensors::save(tensors, &tmp).map_err(|e| format!("{}: {e}", out.display()));
     if let Err(e) = r {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
@@ -153,10 +125,7 @@ fn run(
         (None, true) => return Err("give --prompt TEXT or --inputs IDS.safetensors".into()),
     };
     let m = load(model, dtype)?;
-    let names: Vec<String> = saves
-        .iter()
-        .flat_map(|s| expand_stars(s, m.num_layers()))
-        .collect();
+    let names: Vec<String> = saves.iter().flat_map(|s| expand_stars(s, m.num_layers())).collect();
     let mut trace = m.trace(input);
     let mut derived = Vec::new();
     for n in &names {
@@ -174,10 +143,7 @@ fn run(
         } else {
             res.get(n).map_err(|e| e.to_string())?.clone()
         };
-        let t = t
-            .to_dtype(DType::F32)
-            .and_then(|t| t.contiguous())
-            .map_err(|e| e.to_string())?;
+        let t = t.to_dtype(DType::F32).and_then(|t| t.contiguous()).map_err(|e| e.to_string())?;
         tensors.insert(n.clone(), t);
     }
     write_atomic(&tensors, &out)

@@ -337,19 +337,8 @@ fn instrument_fn(
     let end_line = block.brace_token.span.close().end().line;
     let mut rw = Rewriter::new(info_ident.clone(), !passthrough);
     rw.visit_block_mut(block);
-    let input_name = if module_forward {
-        forward_input(sig).map(|(n, _)| n.to_string())
-    } else {
-        None
-    };
-    let info_static = build_info(
-        &display_name,
-        &info_ident,
-        sig_span,
-        end_line,
-        &rw.sites,
-        input_name,
-    );
+    let input_name = if module_forward { forward_input(sig).map(|(n, _)| n.to_string()) } else { None };
+    let info_static = build_info(&display_name, &info_ident, sig_span, end_line, &rw.sites, input_name);
     if passthrough {
         return FnParts {
             info_ident,
@@ -364,19 +353,19 @@ fn instrument_fn(
     let new_block: syn::Block = if module_forward {
         // The module's `.input` is its first tensor argument.
         let input_hook = forward_input(sig).map(|(name, by_ref)| {
-            if by_ref {
-                quote! {
-                    let __nns_input_slot = ::nnscope::__rt::module_input_ref(#name, &#info_ident);
-                    let #name: &::nnscope::__rt::Tensor = match &__nns_input_slot {
-                        ::core::option::Option::Some(t) => t,
-                        ::core::option::Option::None => #name,
-                    };
+                if by_ref {
+                    quote! {
+                        let __nns_input_slot = ::nnscope::__rt::module_input_ref(#name, &#info_ident);
+                        let #name: &::nnscope::__rt::Tensor = match &__nns_input_slot {
+                            ::core::option::Option::Some(t) => t,
+                            ::core::option::Option::None => #name,
+                        };
+                    }
+                } else {
+                    quote! {
+                        let #name = ::nnscope::__rt::module_input_owned(#name, &#info_ident);
+                    }
                 }
-            } else {
-                quote! {
-                    let #name = ::nnscope::__rt::module_input_owned(#name, &#info_ident);
-                }
-            }
         });
         let out_site = OUTPUT_SITE;
         let _ = INPUT_SITE;
@@ -412,12 +401,8 @@ fn instrument_fn(
 /// The first argument of a module forward, if it is a tensor (`&Tensor` or `Tensor`): its name and
 /// whether it is taken by reference.
 fn forward_input(sig: &syn::Signature) -> Option<(syn::Ident, bool)> {
-    let FnArg::Typed(pt) = sig.inputs.iter().nth(1)? else {
-        return None;
-    };
-    let Pat::Ident(id) = &*pt.pat else {
-        return None;
-    };
+    let FnArg::Typed(pt) = sig.inputs.iter().nth(1)? else { return None };
+    let Pat::Ident(id) = &*pt.pat else { return None };
     match &*pt.ty {
         Type::Reference(r) if type_is_tensor(&r.elem) => Some((id.ident.clone(), true)),
         t if type_is_tensor(t) => Some((id.ident.clone(), false)),

@@ -59,42 +59,12 @@ pub struct Rule {
 
 /// The renaming rules (as nnterp's `rename_utils`).
 pub const RULES: &[Rule] = &[
-    Rule {
-        standard: "layers",
-        aliases: &["layers", "h", "blocks", "layer"],
-    },
-    Rule {
-        standard: "self_attn",
-        aliases: &[
-            "self_attn",
-            "attn",
-            "self_attention",
-            "attention",
-            "norm_attn_norm",
-        ],
-    },
-    Rule {
-        standard: "mlp",
-        aliases: &["mlp", "ffn", "feed_forward", "block_sparse_moe", "moe"],
-    },
-    Rule {
-        standard: "embed_tokens",
-        aliases: &["embed_tokens", "wte", "word_embeddings", "embed_in"],
-    },
-    Rule {
-        standard: "ln_final",
-        aliases: &[
-            "norm",
-            "ln_f",
-            "norm_f",
-            "final_layer_norm",
-            "final_layernorm",
-        ],
-    },
-    Rule {
-        standard: "lm_head",
-        aliases: &["lm_head", "embed_out"],
-    },
+    Rule { standard: "layers", aliases: &["layers", "h", "blocks", "layer"] },
+    Rule { standard: "self_attn", aliases: &["self_attn", "attn", "self_attention", "attention", "norm_attn_norm"] },
+    Rule { standard: "mlp", aliases: &["mlp", "ffn", "feed_forward", "block_sparse_moe", "moe"] },
+    Rule { standard: "embed_tokens", aliases: &["embed_tokens", "wte", "word_embeddings", "embed_in"] },
+    Rule { standard: "ln_final", aliases: &["norm", "ln_f", "norm_f", "final_layer_norm", "final_layernorm"] },
+    Rule { standard: "lm_head", aliases: &["lm_head", "embed_out"] },
 ];
 
 /// Per-model overrides of the renaming, as full Hugging Face paths (`layers`, `embed_tokens`,
@@ -135,21 +105,11 @@ pub struct StandardNames {
 }
 
 fn rule(standard: &str) -> &'static [&'static str] {
-    RULES
-        .iter()
-        .find(|r| r.standard == standard)
-        .map(|r| r.aliases)
-        .unwrap_or(&[])
+    RULES.iter().find(|r| r.standard == standard).map(|r| r.aliases).unwrap_or(&[])
 }
 
 fn missing(what: &str, option: &str, table: &ModuleTable) -> Error {
-    let some: Vec<&str> = table
-        .entries
-        .iter()
-        .map(|e| e.path.as_str())
-        .filter(|p| !p.is_empty())
-        .take(12)
-        .collect();
+    let some: Vec<&str> = table.entries.iter().map(|e| e.path.as_str()).filter(|p| !p.is_empty()).take(12).collect();
     Error::Config {
         path: "<module tree>".into(),
         msg: format!(
@@ -174,10 +134,7 @@ impl StandardNames {
                 'outer: for alias in rule("layers") {
                     for p in &paths {
                         let segs: Vec<&str> = p.split('.').collect();
-                        if segs.len() >= 2
-                            && segs[segs.len() - 2] == *alias
-                            && segs[segs.len() - 1] == "0"
-                        {
+                        if segs.len() >= 2 && segs[segs.len() - 2] == *alias && segs[segs.len() - 1] == "0" {
                             found = Some(segs[..segs.len() - 1].join("."));
                             break 'outer;
                         }
@@ -196,11 +153,7 @@ impl StandardNames {
         let first = format!("{layers}.0");
         let child = |standard: &str, over: &Option<String>, opt: &str| -> Result<String> {
             if let Some(o) = over {
-                return if exists(&format!("{first}.{o}")) {
-                    Ok(o.clone())
-                } else {
-                    Err(missing(standard, opt, table))
-                };
+                return if exists(&format!("{first}.{o}")) { Ok(o.clone()) } else { Err(missing(standard, opt, table)) };
             }
             rule(standard)
                 .iter()
@@ -212,16 +165,13 @@ impl StandardNames {
         let mlp = child("mlp", &rename.mlp, "mlp")?;
         let top = |standard: &str, over: &Option<String>, opt: &str| -> Result<String> {
             if let Some(o) = over {
-                return if exists(o) {
-                    Ok(o.clone())
-                } else {
-                    Err(missing(standard, opt, table))
-                };
+                return if exists(o) { Ok(o.clone()) } else { Err(missing(standard, opt, table)) };
             }
             for a in rule(standard) {
-                if let Some(p) = paths.iter().find(|p| {
-                    !p.starts_with(&format!("{layers}.")) && (p.rsplit('.').next() == Some(*a))
-                }) {
+                if let Some(p) = paths
+                    .iter()
+                    .find(|p| !p.starts_with(&format!("{layers}.")) && (p.rsplit('.').next() == Some(*a)))
+                {
                     return Ok(p.to_string());
                 }
             }
@@ -268,10 +218,7 @@ pub fn expand(model: &Model, path: &str) -> Result<String> {
     let Some(rest) = rest else {
         return Err(Error::Hookpoint {
             path: path.into(),
-            msg: format!(
-                "`{head}` needs a layer index: `{head}.0` .. `{head}.{}`",
-                n.num_layers.saturating_sub(1)
-            ),
+            msg: format!("`{head}` needs a layer index: `{head}.0` .. `{head}.{}`", n.num_layers.saturating_sub(1)),
             suggestions: vec![format!("{head}.0")],
         });
     };
@@ -326,10 +273,7 @@ pub fn expand(model: &Model, path: &str) -> Result<String> {
                     suggestions: vec![format!("attention_probabilities.{idx}")],
                 });
             }
-            Ok(format!(
-                "{attn}.{}.output",
-                model.attention_probabilities_path()?
-            ))
+            Ok(format!("{attn}.{}.output", model.attention_probabilities_path()?))
         }
         _ => Ok(path.to_string()),
     }

@@ -65,23 +65,15 @@ impl TraceOutput {
 
     /// Every value saved under `name`, one per time the hookpoint fired.
     pub fn get_all(&self, name: &str) -> Option<&[Tensor]> {
-        self.saved
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_slice())
+        self.saved.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
     }
 
     /// Softmax of the last position's logits [B, vocab] (nnterp's `next_token_probs`).
     pub fn next_token_probs(&self) -> Result<Tensor> {
-        let logits = self
-            .logits
-            .as_ref()
-            .ok_or_else(|| Error::Input("the trace stopped before the logits".into()))?;
+        let logits = self.logits.as_ref().ok_or_else(|| Error::Input("the trace stopped before the logits".into()))?;
         let t = logits.dim(1)?;
         let last = logits.narrow(1, t - 1, 1)?.squeeze(1)?;
-        Ok(candle_nn::ops::softmax_last_dim(
-            &last.to_dtype(candle_core::DType::F32)?,
-        )?)
+        Ok(candle_nn::ops::softmax_last_dim(&last.to_dtype(candle_core::DType::F32)?)?)
     }
 }
 
@@ -137,11 +129,7 @@ impl<'m> Trace<'m> {
     }
 
     /// Replaces the value at `path` with `f(value)` (same shape).
-    pub fn edit(
-        self,
-        path: &str,
-        f: impl Fn(&Tensor) -> candle_core::Result<Tensor> + 'm,
-    ) -> Result<Self> {
+    pub fn edit(self, path: &str, f: impl Fn(&Tensor) -> candle_core::Result<Tensor> + 'm) -> Result<Self> {
         self.push(path, Action::Edit(Box::new(f)), true)
     }
 
@@ -189,18 +177,13 @@ impl<'m> Trace<'m> {
             if hits[i] == 0 && !stopped && !matches!(req.action, Action::Stop) {
                 return Err(Error::Hookpoint {
                     path: req.path.clone(),
-                    msg:
-                        "never ran during this forward (a branch not taken for this model or input)"
-                            .into(),
+                    msg: "never ran during this forward (a branch not taken for this model or input)".into(),
                     suggestions: vec![],
                 });
             }
             if let Action::Save(_) = req.action {
                 let vals = saved_vals.next().unwrap_or_default();
-                saved.push((
-                    req.path.clone(),
-                    vals.into_iter().map(|v| v.tensor().clone()).collect(),
-                ));
+                saved.push((req.path.clone(), vals.into_iter().map(|v| v.tensor().clone()).collect()));
             }
         }
         Ok(TraceOutput {

@@ -32,10 +32,7 @@ pub struct FnInfo {
 impl FnInfo {
     /// Site index of a label, if the function has it.
     pub fn site(&self, label: &str) -> Option<u32> {
-        self.labels
-            .iter()
-            .position(|l| *l == label)
-            .map(|i| i as u32)
+        self.labels.iter().position(|l| *l == label).map(|i| i as u32)
     }
 }
 
@@ -263,9 +260,7 @@ impl ProbeResult for Probe<Result<Tensor>> {
         }
         match apply(self.site, self.info, Value::Tensor(r?), Kind::Tensor)? {
             Value::Tensor(n) => Ok(n),
-            Value::Tuple(_) => Err(candle_core::Error::Msg(
-                "nnscope: tuple for a tensor".into(),
-            )),
+            Value::Tuple(_) => Err(candle_core::Error::Msg("nnscope: tuple for a tensor".into())),
         }
     }
 }
@@ -296,14 +291,9 @@ impl ProbePair for Probe<(Tensor, Tensor)> {
             return (a, b);
         }
         let keep = (a.clone(), b.clone());
-        apply(
-            self.site,
-            self.info,
-            Value::Tuple(vec![a, b]),
-            Kind::Tuple(2),
-        )
-        .and_then(into_pair)
-        .unwrap_or(keep)
+        apply(self.site, self.info, Value::Tuple(vec![a, b]), Kind::Tuple(2))
+            .and_then(into_pair)
+            .unwrap_or(keep)
     }
 }
 
@@ -320,12 +310,7 @@ impl ProbePairResult for Probe<Result<(Tensor, Tensor)>> {
             return r;
         }
         let (a, b) = r?;
-        into_pair(apply(
-            self.site,
-            self.info,
-            Value::Tuple(vec![a, b]),
-            Kind::Tuple(2),
-        )?)
+        into_pair(apply(self.site, self.info, Value::Tuple(vec![a, b]), Kind::Tuple(2))?)
     }
 }
 
