@@ -138,8 +138,16 @@ pub fn build_alibi_tensor(
         Some(m) => m.to_dtype(DType::I64)?.to_vec2::<i64>()?,
         None => vec![vec![1; seq_length]; batch_size],
     };
-    let mut data = Vec::with_capacity(batch_size * num_heads * seq_length);
-    for row in rows.iter() {
+    let data = alibi_values(&rows, &slopes);
+    Tensor::from_vec(data, (batch_size * num_heads, 1, seq_length), device)?.to_dtype(dtype)
+}
+
+/// Row-major [B, H, T] values `slope[h] * ((cumsum(mask[b]) - 1) * mask[b])`, each product taken in
+/// float32 as torch does.
+fn alibi_values(rows: &[Vec<i64>], slopes: &[f32]) -> Vec<f32> {
+    let mut data =
+        Vec::with_capacity(rows.len() * slopes.len() * rows.first().map_or(0, |r| r.len()));
+    for row in rows {
         // arange_tensor = (cumsum(mask) - 1) * mask
         let mut cum = 0i64;
         let positions: Vec<i64> = row
@@ -149,11 +157,11 @@ pub fn build_alibi_tensor(
                 (cum - 1) * m
             })
             .collect();
-        for slope in slopes.iter() {
+        for slope in slopes {
             data.extend(positions.iter().map(|p| slope * *p as f32));
         }
     }
-    Tensor::from_vec(data, (batch_size * num_heads, 1, seq_length), device)?.to_dtype(dtype)
+    data
 }
 
 /// `dropout_add`: residual + dropout(x) (the dropout is the identity at inference).
@@ -557,6 +565,7 @@ mod tests {
 
     #[test]
     fn alibi_slopes_power_of_two_and_not() {
+        // The values transformers' `_get_alibi_slopes(4)` and `(6)` return.
         // 4 heads: base 2^-2, slopes 2^-2 .. 2^-8.
         assert_eq!(
             _get_alibi_slopes(4),

@@ -164,17 +164,12 @@ impl GPTJRotaryEmbedding {
 /// Interleaved rotation: pairs (x[2i], x[2i+1]) become (-x[2i+1], x[2i]).
 #[hooked]
 pub fn rotate_every_two(x: &Tensor) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let last = dims[dims.len() - 1];
-    let mut pairs = dims.clone();
-    pairs.pop();
-    pairs.push(last / 2);
-    pairs.push(2);
-    let xp = x.reshape(pairs)?;
+    let (b, t, h, d) = x.dims4()?;
+    let xp = x.reshape((b, t, h, d / 2, 2))?;
     let x1 = xp.narrow(D::Minus1, 0, 1)?;
     let x2 = xp.narrow(D::Minus1, 1, 1)?;
     let x = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.reshape(dims)
+    x.reshape((b, t, h, d))
 }
 
 /// Rotary embedding on `tensor` [B, T, H, rotary_dim]; sin and cos are [B, T, rotary_dim / 2], each

@@ -183,10 +183,12 @@ impl StableLmLayerNormPerHead {
     pub fn forward(&self, hidden_states: &Tensor) -> Result<Tensor> {
         // Split along the num_heads axis to get per-head inputs.
         let states_per_heads = hidden_states.chunk(self.norms.len(), 1)?;
-        let mut normed = Vec::with_capacity(self.norms.len());
-        for (norm, hidden_states) in self.norms.iter().zip(states_per_heads.iter()) {
-            normed.push(norm.forward(hidden_states)?);
-        }
+        let normed = self
+            .norms
+            .iter()
+            .zip(states_per_heads.iter())
+            .map(|(norm, hidden_states)| norm.forward(hidden_states))
+            .collect::<Result<Vec<_>>>()?;
         // Normalize and merge the heads back together.
         Tensor::cat(&normed, 1)
     }
