@@ -57,3 +57,13 @@ fn stablelm_qk_layernorm_parallel() {
 fn stablelm_v4_layout() {
     common::parity("stablelm_v4_layout");
 }
+
+#[test]
+fn bloom_no_prefix() {
+    common::parity("bloom_no_prefix");
+}
+
+#[test]
+fn stablelm_rope_defaults() {
+    common::parity("stablelm_rope_defaults");
+}

@@ -500,7 +500,15 @@ impl CausalLM for BloomForCausalLM {
 pub fn load(config: &Config, vb: Builder) -> crate::Result<Box<dyn CausalLM>> {
     let cfg = BloomConfig::read(config)?;
     let root = vb.clone();
-    let vb_t = vb.pp("transformer");
+    // BigScience's checkpoints were saved from `BloomModel`: their weights have no `transformer.`
+    // prefix (transformers adds it on load); the module paths keep it.
+    let vb_t = if !vb.contains("transformer.word_embeddings.weight")
+        && vb.contains("word_embeddings.weight")
+    {
+        vb.pp_module("transformer")
+    } else {
+        vb.pp("transformer")
+    };
     let h_size = cfg.hidden_size;
     let eps = cfg.layer_norm_epsilon;
     let word_embeddings = Embedding::new(cfg.vocab_size, h_size, vb_t.pp("word_embeddings"))?;
