@@ -264,24 +264,22 @@ impl GPTJAttention {
             .transpose(1, 2)?;
 
         let (sin, cos) = position_embeddings;
-        let (query, key) = if self.rotary_dim < self.head_dim {
-            let rd = self.rotary_dim;
-            let pass = self.head_dim - rd;
-            let k_rot = key.narrow(D::Minus1, 0, rd)?;
-            let k_pass = key.narrow(D::Minus1, rd, pass)?;
-            let q_rot = query.narrow(D::Minus1, 0, rd)?;
-            let q_pass = query.narrow(D::Minus1, rd, pass)?;
-            let k_rot = apply_rotary_pos_emb(&k_rot, sin, cos)?;
-            let q_rot = apply_rotary_pos_emb(&q_rot, sin, cos)?;
-            let key = Tensor::cat(&[&k_rot, &k_pass], D::Minus1)?;
-            let query = Tensor::cat(&[&q_rot, &q_pass], D::Minus1)?;
-            (query, key)
-        } else {
-            // The whole head rotates.
-            let key = apply_rotary_pos_emb(&key, sin, cos)?;
-            let query = apply_rotary_pos_emb(&query, sin, cos)?;
-            (query, key)
-        };
+        // transformers 5 always takes its `rotary_dim is not None` branch: rotate the first
+        // `rotary_dim` dimensions, pass the rest (possibly none) through.
+        let rd = self.rotary_dim;
+        let pass = self.head_dim - rd;
+        let k_rot = key.narrow(D::Minus1, 0, rd)?;
+        let k_pass = key.narrow(D::Minus1, rd, pass)?;
+
+        let q_rot = query.narrow(D::Minus1, 0, rd)?;
+        let q_pass = query.narrow(D::Minus1, rd, pass)?;
+
+        let k_rot = apply_rotary_pos_emb(&k_rot, sin, cos)?;
+        let q_rot = apply_rotary_pos_emb(&q_rot, sin, cos)?;
+
+        let key = Tensor::cat(&[&k_rot, &k_pass], D::Minus1)?;
+        let query = Tensor::cat(&[&q_rot, &q_pass], D::Minus1)?;
+
         let query = query.transpose(1, 2)?.contiguous()?;
         let key = key.transpose(1, 2)?.contiguous()?;
         let value = value.contiguous()?;
