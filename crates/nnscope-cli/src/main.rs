@@ -8,7 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "nnscope", version, about = "Read and overwrite what happens inside transformer language models")]
+#[command(
+    name = "nnscope",
+    version,
+    about = "Read and overwrite what happens inside transformer language models"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -36,6 +40,22 @@ enum Cmd {
         #[arg(long, default_value = "float32")]
         dtype: String,
     },
+    /// Run the seed's testing checklist on the model's registered attention-probability hookpoint.
+    Check {
+        /// Model folder or hub id.
+        model: String,
+        /// Print one JSON object instead of a checklist.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Find the attention-probability hookpoint automatically (without the registry).
+    FindAttnProbs {
+        /// Model folder or hub id.
+        model: String,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the source listing of a module's forward or of a nested call, with its hookpoints.
     Source {
         /// Model folder or hub id.
@@ -50,7 +70,9 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
         "float32" | "f32" | "fp32" => Ok(DType::F32),
         "bfloat16" | "bf16" => Ok(DType::BF16),
         "float16" | "f16" | "fp16" | "half" => Ok(DType::F16),
-        other => Err(format!("unknown --dtype `{other}`; use float32, bfloat16 or float16")),
+        other => Err(format!(
+            "unknown --dtype `{other}`; use float32, bfloat16 or float16"
+        )),
     }
 }
 
@@ -68,7 +90,18 @@ fn load(model: &str, dtype: DType) -> Result<Model, String> {
 fn expand_stars(name: &str, num_layers: usize) -> Vec<String> {
     if name.split('.').any(|p| p == "*") {
         (0..num_layers)
-            .map(|i| name.split('.').map(|p| if p == "*" { i.to_string() } else { p.to_string() }).collect::<Vec<_>>().join("."))
+            .map(|i| {
+                name.split('.')
+                    .map(|p| {
+                        if p == "*" {
+                            i.to_string()
+                        } else {
+                            p.to_string()
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(".")
+            })
             .collect()
     } else {
         vec![name.to_string()]
@@ -76,7 +109,8 @@ fn expand_stars(name: &str, num_layers: usize) -> Vec<String> {
 }
 
 fn read_inputs(path: &Path) -> Result<Input, String> {
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| format!("{}: {e}", path.display()))?;
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     let ids = tensors
         .get("input_ids")
         .ok_or_else(|| format!("{}: no tensor `input_ids`", path.display()))?
@@ -90,16 +124,26 @@ fn read_inputs(path: &Path) -> Result<Input, String> {
 
 /// Writes to a temporary file beside `out` and renames it, so a failure leaves nothing partial.
 fn write_atomic(tensors: &HashMap<String, Tensor>, out: &Path) -> Result<(), String> {
-    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     if !dir.is_dir() {
-        return Err(format!("{}: the output folder {} does not exist", out.display(), dir.display()));
+        return Err(format!(
+            "{}: the output folder {} does not exist",
+            out.display(),
+            dir.display()
+        ));
     }
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
-        out.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into()),
+        out.file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "out".into()),
         std::process::id()
     ));
-    let r = candle_core::safetensors::save(tensors, &tmp).map_err(|e| format!("{}: {e}", out.display()));
+    let r = candle_core::safetensors::save(tensors, &tmp)
+        .map_err(|e| format!("{}: {e}", out.display()));
     if let Err(e) = r {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
@@ -125,7 +169,10 @@ fn run(
         (None, true) => return Err("give --prompt TEXT or --inputs IDS.safetensors".into()),
     };
     let m = load(model, dtype)?;
-    let names: Vec<String> = saves.iter().flat_map(|s| expand_stars(s, m.num_layers())).collect();
+    let names: Vec<String> = saves
+        .iter()
+        .flat_map(|s| expand_stars(s, m.num_layers()))
+        .collect();
     let mut trace = m.trace(input);
     let mut derived = Vec::new();
     for n in &names {
@@ -143,7 +190,10 @@ fn run(
         } else {
             res.get(n).map_err(|e| e.to_string())?.clone()
         };
-        let t = t.to_dtype(DType::F32).and_then(|t| t.contiguous()).map_err(|e| e.to_string())?;
+        let t = t
+            .to_dtype(DType::F32)
+            .and_then(|t| t.contiguous())
+            .map_err(|e| e.to_string())?;
         tensors.insert(n.clone(), t);
     }
     write_atomic(&tensors, &out)
@@ -154,6 +204,88 @@ fn source(model: &str, path: &str) -> Result<(), String> {
     let info = nnscope::trace::path::resolve_function(&m, path).map_err(|e| e.to_string())?;
     println!("{}  ({}:{})", info.name, info.file, info.first_line);
     print!("{}", nnscope::trace::listing(info, None));
+    Ok(())
+}
+
+fn check(model: &str, json: bool) -> Result<bool, String> {
+    let m = match load(model, DType::F32) {
+        Ok(m) => m,
+        Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"model": model, "checks": {"loads": false}, "passed": false, "error": e})
+                );
+                return Ok(false);
+            }
+            return Err(e);
+        }
+    };
+    let r = nnscope::discover::check(&m);
+    if json {
+        println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
+    } else {
+        println!(
+            "{} ({})  hookpoint: attentions.L.{}",
+            r.architecture, r.model_type, r.hookpoint
+        );
+        let c = &r.checks;
+        let rows = [
+            ("loads", c.loads, "model loads"),
+            ("source", c.source, "attentions.0 source is available"),
+            ("resolves", c.resolves, "hookpoint resolves"),
+            ("shape", c.shape, "probabilities have the expected shape"),
+            (
+                "sums",
+                c.sums,
+                "rows sum to 1 (or the documented exception)",
+            ),
+            (
+                "changes_output",
+                c.changes_output,
+                "changing probabilities changes the output",
+            ),
+            ("registered", c.registered, "architecture is registered"),
+        ];
+        for (name, ok, what) in rows {
+            let why = r
+                .failures
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, w)| format!("  ({w})"))
+                .unwrap_or_default();
+            println!("  [{}] {what}{why}", if ok { "x" } else { " " });
+        }
+        println!("{}", if r.passed { "passed" } else { "FAILED" });
+    }
+    Ok(r.passed)
+}
+
+fn find_attn_probs(model: &str, json: bool) -> Result<(), String> {
+    let m = load(model, DType::F32)?;
+    let d = nnscope::discover::find_attention_probabilities(&m).map_err(|e| e.to_string())?;
+    if json {
+        println!("{}", serde_json::to_string(&d).map_err(|e| e.to_string())?);
+        return Ok(());
+    }
+    println!("{} ({})", d.architecture, d.model_type);
+    println!("attention probabilities: attentions.L.{}", d.hookpoint);
+    println!(
+        "  shape {:?}, row sums {:.6}..{:.6}, editing it changes the output: {}",
+        d.shape, d.row_sum_min, d.row_sum_max, d.changes_output
+    );
+    println!("\ncandidates (best first):");
+    for c in &d.candidates {
+        println!(
+            "  {:<70} {:?} sums {:.4}..{:.4} priority {}",
+            c.hookpoint, c.shape, c.row_sum_min, c.row_sum_max, c.priority
+        );
+    }
+    println!("\n{}", d.listing);
+    println!(
+        "registry row (crates/nnscope/src/models/mod.rs):\n{}",
+        d.registry_row()
+    );
     Ok(())
 }
 
@@ -169,6 +301,12 @@ fn main() -> ExitCode {
             dtype,
         } => run(&model, prompts, inputs, saves, out, &dtype),
         Cmd::Source { model, path } => source(&model, &path),
+        Cmd::FindAttnProbs { model, json } => find_attn_probs(&model, json),
+        Cmd::Check { model, json } => match check(&model, json) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -241,13 +241,12 @@ fn mark_pending(args: Vec<&mut Expr>, receiver: Option<&mut Expr>, site: u32) {
         *last = syn::parse_quote_spanned!(old.span()=> ::nnscope::__rt::pend(#site, #old));
         return;
     }
+    // No argument has calls: when the receiver has some, mark after it; otherwise setting the site
+    // just before the call expression is enough, which the probe wrapper does (`pend0`).
     if let Some(r) = receiver {
         let old = r.clone();
         *r = syn::parse_quote_spanned!(old.span()=> ::nnscope::__rt::pend(#site, #old));
-        return;
     }
-    // No argument has calls: setting the site just before the call expression is enough. This is
-    // done by the probe wrapper (`pend0`).
 }
 
 fn probe_expr(inner: Expr, site: u32, info: &syn::Ident, span: Span) -> Expr {
@@ -337,8 +336,19 @@ fn instrument_fn(
     let end_line = block.brace_token.span.close().end().line;
     let mut rw = Rewriter::new(info_ident.clone(), !passthrough);
     rw.visit_block_mut(block);
-    let input_name = if module_forward { forward_input(sig).map(|(n, _)| n.to_string()) } else { None };
-    let info_static = build_info(&display_name, &info_ident, sig_span, end_line, &rw.sites, input_name);
+    let input_name = if module_forward {
+        forward_input(sig).map(|(n, _)| n.to_string())
+    } else {
+        None
+    };
+    let info_static = build_info(
+        &display_name,
+        &info_ident,
+        sig_span,
+        end_line,
+        &rw.sites,
+        input_name,
+    );
     if passthrough {
         return FnParts {
             info_ident,
@@ -353,19 +363,19 @@ fn instrument_fn(
     let new_block: syn::Block = if module_forward {
         // The module's `.input` is its first tensor argument.
         let input_hook = forward_input(sig).map(|(name, by_ref)| {
-                if by_ref {
-                    quote! {
-                        let __nns_input_slot = ::nnscope::__rt::module_input_ref(#name, &#info_ident);
-                        let #name: &::nnscope::__rt::Tensor = match &__nns_input_slot {
-                            ::core::option::Option::Some(t) => t,
-                            ::core::option::Option::None => #name,
-                        };
-                    }
-                } else {
-                    quote! {
-                        let #name = ::nnscope::__rt::module_input_owned(#name, &#info_ident);
-                    }
+            if by_ref {
+                quote! {
+                    let __nns_input_slot = ::nnscope::__rt::module_input_ref(#name, &#info_ident);
+                    let #name: &::nnscope::__rt::Tensor = match &__nns_input_slot {
+                        ::core::option::Option::Some(t) => t,
+                        ::core::option::Option::None => #name,
+                    };
                 }
+            } else {
+                quote! {
+                    let #name = ::nnscope::__rt::module_input_owned(#name, &#info_ident);
+                }
+            }
         });
         let out_site = OUTPUT_SITE;
         let _ = INPUT_SITE;
@@ -401,8 +411,12 @@ fn instrument_fn(
 /// The first argument of a module forward, if it is a tensor (`&Tensor` or `Tensor`): its name and
 /// whether it is taken by reference.
 fn forward_input(sig: &syn::Signature) -> Option<(syn::Ident, bool)> {
-    let FnArg::Typed(pt) = sig.inputs.iter().nth(1)? else { return None };
-    let Pat::Ident(id) = &*pt.pat else { return None };
+    let FnArg::Typed(pt) = sig.inputs.iter().nth(1)? else {
+        return None;
+    };
+    let Pat::Ident(id) = &*pt.pat else {
+        return None;
+    };
     match &*pt.ty {
         Type::Reference(r) if type_is_tensor(&r.elem) => Some((id.ident.clone(), true)),
         t if type_is_tensor(t) => Some((id.ident.clone(), false)),

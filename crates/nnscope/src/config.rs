@@ -66,7 +66,10 @@ impl Config {
     /// A required non-negative integer under any of `keys` (aliases: `n_embd`/`hidden_size`).
     pub fn usize(&self, keys: &[&str]) -> Result<usize> {
         match self.get(keys) {
-            Some((k, v)) => v.as_u64().map(|x| x as usize).ok_or_else(|| self.bad(k, "a non-negative integer", v)),
+            Some((k, v)) => v
+                .as_u64()
+                .map(|x| x as usize)
+                .ok_or_else(|| self.bad(k, "a non-negative integer", v)),
             None => Err(self.missing(keys[0])),
         }
     }
@@ -90,7 +93,10 @@ impl Config {
     /// An optional number.
     pub fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
         match self.get(&[key]) {
-            Some((k, v)) => v.as_f64().map(Some).ok_or_else(|| self.bad(k, "a number", v)),
+            Some((k, v)) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.bad(k, "a number", v)),
             None => Ok(None),
         }
     }
@@ -120,9 +126,15 @@ impl Config {
     pub fn opt_str_list(&self, key: &str) -> Result<Option<Vec<String>>> {
         match self.get(&[key]) {
             Some((k, v)) => {
-                let arr = v.as_array().ok_or_else(|| self.bad(k, "a list of strings", v))?;
+                let arr = v
+                    .as_array()
+                    .ok_or_else(|| self.bad(k, "a list of strings", v))?;
                 arr.iter()
-                    .map(|x| x.as_str().map(String::from).ok_or_else(|| self.bad(k, "a list of strings", v)))
+                    .map(|x| {
+                        x.as_str()
+                            .map(String::from)
+                            .ok_or_else(|| self.bad(k, "a list of strings", v))
+                    })
                     .collect::<Result<Vec<_>>>()
                     .map(Some)
             }
@@ -134,9 +146,15 @@ impl Config {
     pub fn opt_usize_list(&self, key: &str) -> Result<Option<Vec<usize>>> {
         match self.get(&[key]) {
             Some((k, v)) => {
-                let arr = v.as_array().ok_or_else(|| self.bad(k, "a list of integers", v))?;
+                let arr = v
+                    .as_array()
+                    .ok_or_else(|| self.bad(k, "a list of integers", v))?;
                 arr.iter()
-                    .map(|x| x.as_u64().map(|x| x as usize).ok_or_else(|| self.bad(k, "a list of integers", v)))
+                    .map(|x| {
+                        x.as_u64()
+                            .map(|x| x as usize)
+                            .ok_or_else(|| self.bad(k, "a list of integers", v))
+                    })
                     .collect::<Result<Vec<_>>>()
                     .map(Some)
             }
@@ -175,19 +193,24 @@ impl Config {
             if lt.len() < n_layers {
                 return Err(Error::Config {
                     path: self.path.clone(),
-                    msg: format!("`layer_types` has {} entries for {n_layers} layers", lt.len()),
+                    msg: format!(
+                        "`layer_types` has {} entries for {n_layers} layers",
+                        lt.len()
+                    ),
                 });
             }
-            return Ok(lt.iter().take(n_layers).map(|t| t == "sliding_attention").collect());
+            return Ok(lt
+                .iter()
+                .take(n_layers)
+                .map(|t| t == "sliding_attention")
+                .collect());
         }
         let window = self.opt_usize("sliding_window")?;
         let use_sw = self.bool_or("use_sliding_window", sliding_by_default)?;
         let max_window_layers = self.opt_usize("max_window_layers")?;
         Ok((0..n_layers)
             .map(|i| {
-                use_sw
-                    && window.is_some_and(|w| w > 0)
-                    && max_window_layers.is_none_or(|m| i >= m)
+                use_sw && window.is_some_and(|w| w > 0) && max_window_layers.is_none_or(|m| i >= m)
             })
             .collect())
     }

@@ -101,7 +101,13 @@ pub(crate) fn suggest(s: &[String]) -> String {
     if s.is_empty() {
         String::new()
     } else {
-        format!("; did you mean {}?", s.iter().map(|x| format!("`{x}`")).collect::<Vec<_>>().join(", "))
+        format!(
+            "; did you mean {}?",
+            s.iter()
+                .map(|x| format!("`{x}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
     }
 }
 
@@ -109,7 +115,11 @@ pub(crate) fn suggest(s: &[String]) -> String {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Names from `candidates` closest to `name` (edit distance), best first, at most `n`.
-pub fn nearest<'a, I: IntoIterator<Item = &'a str>>(name: &str, candidates: I, n: usize) -> Vec<String> {
+pub fn nearest<'a, I: IntoIterator<Item = &'a str>>(
+    name: &str,
+    candidates: I,
+    n: usize,
+) -> Vec<String> {
     let mut scored: Vec<(usize, &str)> = candidates
         .into_iter()
         .map(|c| (strsim_distance(name, c), c))

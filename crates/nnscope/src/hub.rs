@@ -32,7 +32,8 @@ pub fn resolve(model: &str) -> Result<PathBuf> {
             msg: "it is a file; give the folder that holds config.json".into(),
         });
     }
-    let looks_like_id = !model.starts_with('.') && !model.starts_with('/') && model.matches('/').count() <= 1;
+    let looks_like_id =
+        !model.starts_with('.') && !model.starts_with('/') && model.matches('/').count() <= 1;
     let mut looked = Vec::new();
     if looks_like_id {
         let folder = format!("models--{}", model.replace('/', "--"));
@@ -54,7 +55,11 @@ pub fn resolve(model: &str) -> Result<PathBuf> {
             }
             // No refs/main: take the only (or newest) snapshot.
             if let Ok(rd) = std::fs::read_dir(&snapshots) {
-                let mut snaps: Vec<_> = rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
+                let mut snaps: Vec<_> = rd
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| p.is_dir())
+                    .collect();
                 snaps.sort_by_key(|p| p.metadata().and_then(|m| m.modified()).ok());
                 if let Some(s) = snaps.pop() {
                     return Ok(s);
@@ -84,15 +89,21 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|e| Error::Io { path: index.clone(), source: e })?;
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::Io {
+            path: index.clone(),
+            source: e,
+        })?;
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Weights {
             path: index.clone(),
             msg: format!("not valid JSON: {e}"),
         })?;
-        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Weights {
-            path: index.clone(),
-            msg: "no `weight_map` object".into(),
-        })?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::Weights {
+                path: index.clone(),
+                msg: "no `weight_map` object".into(),
+            })?;
         let mut files: Vec<String> = Vec::new();
         for (tensor, f) in map {
             let f = f.as_str().ok_or_else(|| Error::Weights {
@@ -117,9 +128,16 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         return Ok(out);
     }
     let other: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
-    let hint = if other.iter().any(|f| f.ends_with(".bin") || f.ends_with(".pt") || f.ends_with(".pth")) {
+    let hint = if other
+        .iter()
+        .any(|f| f.ends_with(".bin") || f.ends_with(".pt") || f.ends_with(".pth"))
+    {
         " (pickle checkpoints are never loaded: they can run code; convert to safetensors)"
     } else {
         ""
@@ -134,9 +152,15 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// truncated or corrupt file is reported by name before anything is built.
 pub fn check_safetensors(files: &[PathBuf]) -> Result<()> {
     for f in files {
-        let file = std::fs::File::open(f).map_err(|e| Error::Io { path: f.clone(), source: e })?;
+        let file = std::fs::File::open(f).map_err(|e| Error::Io {
+            path: f.clone(),
+            source: e,
+        })?;
         // SAFETY: read-only mapping of a file we just opened; see `Model::load`.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::Io { path: f.clone(), source: e })?;
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::Io {
+            path: f.clone(),
+            source: e,
+        })?;
         safetensors::SafeTensors::deserialize(&mmap).map_err(|e| Error::Weights {
             path: f.clone(),
             msg: format!("not a valid safetensors file ({e}); is it truncated or corrupt?"),

@@ -24,6 +24,7 @@
 extern crate self as nnscope;
 
 pub mod config;
+pub mod discover;
 mod error;
 pub mod hub;
 mod model;

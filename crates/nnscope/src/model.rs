@@ -21,6 +21,8 @@ pub struct LoadOptions {
     pub progress: bool,
     /// Overrides of the standard-name renaming (see [`crate::standard::RenameConfig`]).
     pub rename: crate::standard::RenameConfig,
+    /// Check the standard names on a two-token input at load (nnterp's `check_model_renaming`).
+    pub check_renaming: bool,
 }
 
 impl Default for LoadOptions {
@@ -30,6 +32,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             progress: false,
             rename: Default::default(),
+            check_renaming: true,
         }
     }
 }
@@ -81,6 +84,7 @@ pub struct Model {
     pub(crate) names: StandardNames,
     pub(crate) structure: OnceLock<std::result::Result<Structure, String>>,
     pub(crate) vocab_size: usize,
+    pub(crate) attn_probs: Option<(String, crate::models::ProbShape)>,
 }
 
 impl std::fmt::Debug for Model {
@@ -126,41 +130,60 @@ impl Model {
         // SAFETY: memory-mapping is what makes loading large checkpoints cheap. The files are only
         // read, and their headers were validated above; a file changed by another process while
         // mapped is outside what any mmap-based loader can guard against.
-        let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&files, opts.dtype, &opts.device) }
-            .map_err(|e| Error::Weights {
-                path: files[0].clone(),
-                msg: e.to_string(),
-            })?;
+        let vb = unsafe {
+            candle_nn::VarBuilder::from_mmaped_safetensors(&files, opts.dtype, &opts.device)
+        }
+        .map_err(|e| Error::Weights {
+            path: files[0].clone(),
+            msg: e.to_string(),
+        })?;
         let model = Self::from_parts(config, vb, dir.clone(), opts);
         if let Some(pb) = pb {
             pb.finish_and_clear();
         }
         let mut model = model.map_err(|e| match e {
             Error::Tensor(t) => Error::Weights {
-                path: if files.len() == 1 { files[0].clone() } else { dir.join("model.safetensors.index.json") },
+                path: if files.len() == 1 {
+                    files[0].clone()
+                } else {
+                    dir.join("model.safetensors.index.json")
+                },
                 msg: t.to_string(),
             },
             other => other,
         })?;
+        if opts.check_renaming {
+            model.check_renaming()?;
+        }
         let tok_path = dir.join("tokenizer.json");
         if tok_path.is_file() {
-            let tok = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| Error::Tokenizer {
-                path: tok_path.clone(),
-                msg: e.to_string(),
-            })?;
+            let tok =
+                tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| Error::Tokenizer {
+                    path: tok_path.clone(),
+                    msg: e.to_string(),
+                })?;
             model.tokenizer = Some(tok);
         }
         Ok(model)
     }
 
     /// Builds a model from a config and a candle `VarBuilder` (any weight source).
-    pub fn from_parts(config: Config, vb: candle_nn::VarBuilder, source: PathBuf, opts: &LoadOptions) -> Result<Self> {
+    pub fn from_parts(
+        config: Config,
+        vb: candle_nn::VarBuilder,
+        source: PathBuf,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
         let model_type = config.model_type()?.to_string();
         let arch = architecture(&model_type).ok_or_else(|| Error::Config {
             path: config.path.clone(),
             msg: format!(
                 "unknown model_type `{model_type}`; supported: {}",
-                ARCHITECTURES.iter().map(|a| a.model_type).collect::<Vec<_>>().join(", ")
+                ARCHITECTURES
+                    .iter()
+                    .map(|a| a.model_type)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         })?;
         let builder = Builder::new(vb);
@@ -180,6 +203,7 @@ impl Model {
             names,
             structure: OnceLock::new(),
             vocab_size,
+            attn_probs: Some((arch.attention_probabilities.to_string(), arch.prob_shape)),
         })
     }
 
@@ -230,13 +254,22 @@ impl Model {
 
     fn check_ids(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<()> {
         let (b, t) = ids.dims2().map_err(|_| {
-            Error::Input(format!("input_ids must be 2-D [batch, tokens], got shape {:?}", ids.dims()))
+            Error::Input(format!(
+                "input_ids must be 2-D [batch, tokens], got shape {:?}",
+                ids.dims()
+            ))
         })?;
         if b == 0 || t == 0 {
-            return Err(Error::Input(format!("empty input: input_ids has shape {:?}", ids.dims())));
+            return Err(Error::Input(format!(
+                "empty input: input_ids has shape {:?}",
+                ids.dims()
+            )));
         }
         if ids.dtype().is_float() {
-            return Err(Error::Input(format!("input_ids must be integers, got {:?}", ids.dtype())));
+            return Err(Error::Input(format!(
+                "input_ids must be integers, got {:?}",
+                ids.dtype()
+            )));
         }
         if let Some(m) = mask {
             if m.dims() != ids.dims() {
@@ -248,7 +281,11 @@ impl Model {
             }
         }
         let v = ids.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
-        if let Some((i, bad)) = v.iter().enumerate().find(|(_, x)| **x < 0 || **x as usize >= self.vocab_size) {
+        if let Some((i, bad)) = v
+            .iter()
+            .enumerate()
+            .find(|(_, x)| **x < 0 || **x as usize >= self.vocab_size)
+        {
             return Err(Error::Input(format!(
                 "token id {bad} at position {} of sequence {} is outside the vocabulary (size {})",
                 i % t,
@@ -278,7 +315,15 @@ impl Model {
     /// The id used for left padding: the tokenizer's pad token, else config's `pad_token_id`,
     /// `eos_token_id`, else 0.
     pub fn pad_id(&self) -> u32 {
-        let from_cfg = |k: &str| self.config.raw.get(k).and_then(|v| v.as_u64().or_else(|| v.as_array().and_then(|a| a.first()).and_then(|x| x.as_u64())));
+        let from_cfg = |k: &str| {
+            self.config.raw.get(k).and_then(|v| {
+                v.as_u64().or_else(|| {
+                    v.as_array()
+                        .and_then(|a| a.first())
+                        .and_then(|x| x.as_u64())
+                })
+            })
+        };
         from_cfg("pad_token_id")
             .or_else(|| from_cfg("eos_token_id"))
             .unwrap_or(0) as u32
@@ -300,7 +345,10 @@ impl Model {
                 msg: format!("cannot encode {:?}: {e}", p.as_ref()),
             })?;
             if enc.get_ids().is_empty() {
-                return Err(Error::Input(format!("prompt {:?} encodes to no tokens", p.as_ref())));
+                return Err(Error::Input(format!(
+                    "prompt {:?} encodes to no tokens",
+                    p.as_ref()
+                )));
             }
             seqs.push(enc.get_ids().to_vec());
         }
@@ -323,10 +371,61 @@ impl Model {
         Ok((ids, Some(mask)))
     }
 
+    /// nnterp's `check_model_renaming`: every standard module's input and output is
+    /// [batch, seq, hidden] on a short input. Fails with the name to pass in a `RenameConfig`.
+    pub fn check_renaming(&self) -> Result<()> {
+        let hidden = self.hidden_size()?;
+        let ids = Tensor::new(
+            &[[0u32, 1u32.min(self.vocab_size as u32 - 1)]],
+            &self.device,
+        )?;
+        let names = [
+            ("token_embeddings", "embed_tokens"),
+            ("layers_input.0", "layers"),
+            ("layers_output.0", "layers"),
+            ("attentions_output.0", "attention"),
+            ("mlps_input.0", "mlp"),
+            ("mlps_output.0", "mlp"),
+            ("ln_final.output", "ln_final"),
+        ];
+        let mut tr = self.trace(Input::ids(ids));
+        for (n, _) in names {
+            tr = tr.save(n)?;
+        }
+        let out = tr.run()?;
+        for (n, option) in names {
+            let t = out.get(n)?;
+            if t.dims() != [1, 2, hidden] {
+                return Err(Error::Config {
+                    path: self.config.path.clone(),
+                    msg: format!(
+                        "renaming check failed: `{n}` has shape {:?}, expected [1, 2, {hidden}]; \
+                         pass the right module in RenameConfig::{option}",
+                        t.dims()
+                    ),
+                });
+            }
+        }
+        let logits = out.logits.ok_or_else(|| Error::Input("no logits".into()))?;
+        if logits.dims() != [1, 2, self.vocab_size] {
+            return Err(Error::Config {
+                path: self.config.path.clone(),
+                msg: format!(
+                    "renaming check failed: logits have shape {:?}",
+                    logits.dims()
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// The call structure of the forward (which instrumented function each call site enters, and
     /// what each site returns), recorded once by running two tokens.
     pub fn structure(&self) -> Result<&Structure> {
-        let r = self.structure.get_or_init(|| Structure::record(self).map_err(|e| e.to_string()));
-        r.as_ref().map_err(|e| Error::Input(format!("recording the model's call structure failed: {e}")))
+        let r = self
+            .structure
+            .get_or_init(|| Structure::record(self).map_err(|e| e.to_string()));
+        r.as_ref()
+            .map_err(|e| Error::Input(format!("recording the model's call structure failed: {e}")))
     }
 }

@@ -12,6 +12,7 @@
 //! | `attention_probabilities.L` | the architecture's registered attention-probability hookpoint |
 //! | `logits` | output of `lm_head` |
 
+use crate::models::ProbShape;
 use crate::nn::ModuleTable;
 use crate::{nearest, Error, Model, Result};
 
@@ -59,12 +60,42 @@ pub struct Rule {
 
 /// The renaming rules (as nnterp's `rename_utils`).
 pub const RULES: &[Rule] = &[
-    Rule { standard: "layers", aliases: &["layers", "h", "blocks", "layer"] },
-    Rule { standard: "self_attn", aliases: &["self_attn", "attn", "self_attention", "attention", "norm_attn_norm"] },
-    Rule { standard: "mlp", aliases: &["mlp", "ffn", "feed_forward", "block_sparse_moe", "moe"] },
-    Rule { standard: "embed_tokens", aliases: &["embed_tokens", "wte", "word_embeddings", "embed_in"] },
-    Rule { standard: "ln_final", aliases: &["norm", "ln_f", "norm_f", "final_layer_norm", "final_layernorm"] },
-    Rule { standard: "lm_head", aliases: &["lm_head", "embed_out"] },
+    Rule {
+        standard: "layers",
+        aliases: &["layers", "h", "blocks", "layer"],
+    },
+    Rule {
+        standard: "self_attn",
+        aliases: &[
+            "self_attn",
+            "attn",
+            "self_attention",
+            "attention",
+            "norm_attn_norm",
+        ],
+    },
+    Rule {
+        standard: "mlp",
+        aliases: &["mlp", "ffn", "feed_forward", "block_sparse_moe", "moe"],
+    },
+    Rule {
+        standard: "embed_tokens",
+        aliases: &["embed_tokens", "wte", "word_embeddings", "embed_in"],
+    },
+    Rule {
+        standard: "ln_final",
+        aliases: &[
+            "norm",
+            "ln_f",
+            "norm_f",
+            "final_layer_norm",
+            "final_layernorm",
+        ],
+    },
+    Rule {
+        standard: "lm_head",
+        aliases: &["lm_head", "embed_out"],
+    },
 ];
 
 /// Per-model overrides of the renaming, as full Hugging Face paths (`layers`, `embed_tokens`,
@@ -105,11 +136,21 @@ pub struct StandardNames {
 }
 
 fn rule(standard: &str) -> &'static [&'static str] {
-    RULES.iter().find(|r| r.standard == standard).map(|r| r.aliases).unwrap_or(&[])
+    RULES
+        .iter()
+        .find(|r| r.standard == standard)
+        .map(|r| r.aliases)
+        .unwrap_or(&[])
 }
 
 fn missing(what: &str, option: &str, table: &ModuleTable) -> Error {
-    let some: Vec<&str> = table.entries.iter().map(|e| e.path.as_str()).filter(|p| !p.is_empty()).take(12).collect();
+    let some: Vec<&str> = table
+        .entries
+        .iter()
+        .map(|e| e.path.as_str())
+        .filter(|p| !p.is_empty())
+        .take(12)
+        .collect();
     Error::Config {
         path: "<module tree>".into(),
         msg: format!(
@@ -134,7 +175,10 @@ impl StandardNames {
                 'outer: for alias in rule("layers") {
                     for p in &paths {
                         let segs: Vec<&str> = p.split('.').collect();
-                        if segs.len() >= 2 && segs[segs.len() - 2] == *alias && segs[segs.len() - 1] == "0" {
+                        if segs.len() >= 2
+                            && segs[segs.len() - 2] == *alias
+                            && segs[segs.len() - 1] == "0"
+                        {
                             found = Some(segs[..segs.len() - 1].join("."));
                             break 'outer;
                         }
@@ -153,7 +197,11 @@ impl StandardNames {
         let first = format!("{layers}.0");
         let child = |standard: &str, over: &Option<String>, opt: &str| -> Result<String> {
             if let Some(o) = over {
-                return if exists(&format!("{first}.{o}")) { Ok(o.clone()) } else { Err(missing(standard, opt, table)) };
+                return if exists(&format!("{first}.{o}")) {
+                    Ok(o.clone())
+                } else {
+                    Err(missing(standard, opt, table))
+                };
             }
             rule(standard)
                 .iter()
@@ -165,13 +213,16 @@ impl StandardNames {
         let mlp = child("mlp", &rename.mlp, "mlp")?;
         let top = |standard: &str, over: &Option<String>, opt: &str| -> Result<String> {
             if let Some(o) = over {
-                return if exists(o) { Ok(o.clone()) } else { Err(missing(standard, opt, table)) };
+                return if exists(o) {
+                    Ok(o.clone())
+                } else {
+                    Err(missing(standard, opt, table))
+                };
             }
             for a in rule(standard) {
-                if let Some(p) = paths
-                    .iter()
-                    .find(|p| !p.starts_with(&format!("{layers}.")) && (p.rsplit('.').next() == Some(*a)))
-                {
+                if let Some(p) = paths.iter().find(|p| {
+                    !p.starts_with(&format!("{layers}.")) && (p.rsplit('.').next() == Some(*a))
+                }) {
                     return Ok(p.to_string());
                 }
             }
@@ -218,7 +269,10 @@ pub fn expand(model: &Model, path: &str) -> Result<String> {
     let Some(rest) = rest else {
         return Err(Error::Hookpoint {
             path: path.into(),
-            msg: format!("`{head}` needs a layer index: `{head}.0` .. `{head}.{}`", n.num_layers.saturating_sub(1)),
+            msg: format!(
+                "`{head}` needs a layer index: `{head}.0` .. `{head}.{}`",
+                n.num_layers.saturating_sub(1)
+            ),
             suggestions: vec![format!("{head}.0")],
         });
     };
@@ -273,15 +327,78 @@ pub fn expand(model: &Model, path: &str) -> Result<String> {
                     suggestions: vec![format!("attention_probabilities.{idx}")],
                 });
             }
-            Ok(format!("{attn}.{}.output", model.attention_probabilities_path()?))
+            let hp = model
+                .attention_probabilities_path()
+                .ok_or_else(|| Error::Hookpoint {
+                    path: path.into(),
+                    msg: format!(
+                        "no attention-probability hookpoint is registered for `{}`; \
+                     run `nnscope find-attn-probs` to discover it",
+                        model.arch.model_type
+                    ),
+                    suggestions: vec![],
+                })?;
+            if hp.contains(".output.") {
+                Ok(format!("{attn}.{hp}"))
+            } else {
+                Ok(format!("{attn}.{hp}.output"))
+            }
         }
         _ => Ok(path.to_string()),
     }
 }
 
 impl Model {
-    /// This architecture's attention-probability hookpoint, relative to `attentions.L`.
-    pub fn attention_probabilities_path(&self) -> Result<&str> {
-        Ok(self.arch.attention_probabilities)
+    /// This model's attention-probability hookpoint, relative to `attentions.L` (from the registry,
+    /// or set with [`Model::set_attention_probabilities`]).
+    pub fn attention_probabilities_path(&self) -> Option<&str> {
+        self.attn_probs.as_ref().map(|(p, _)| p.as_str())
+    }
+
+    /// Shape convention of the attention-probability hookpoint.
+    pub fn attention_probabilities_shape(&self) -> ProbShape {
+        self.attn_probs
+            .as_ref()
+            .map(|(_, s)| *s)
+            .unwrap_or(ProbShape::Standard)
+    }
+
+    /// Registers the attention-probability hookpoint for this model (e.g. from discovery).
+    pub fn set_attention_probabilities(&mut self, path: &str, shape: ProbShape) -> Result<()> {
+        let old = self.attn_probs.replace((path.to_string(), shape));
+        // Validate against the model before keeping it.
+        if let Err(e) = self.resolve("attention_probabilities.0") {
+            self.attn_probs = old;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Forgets the registered hookpoint (as for an architecture with no registry row).
+    pub fn clear_attention_probabilities(&mut self) {
+        self.attn_probs = None;
+    }
+
+    /// The Hugging Face class: config.json's `architectures[0]`, else the registry's.
+    pub fn class_name(&self) -> String {
+        self.config
+            .raw
+            .get("architectures")
+            .and_then(|a| a.as_array())
+            .and_then(|a| a.first())
+            .and_then(|v| v.as_str())
+            .unwrap_or(self.arch.class)
+            .to_string()
+    }
+
+    /// Number of attention heads.
+    pub fn num_heads(&self) -> Result<usize> {
+        self.config
+            .usize(&["num_attention_heads", "n_head", "n_heads"])
+    }
+
+    /// Hidden size.
+    pub fn hidden_size(&self) -> Result<usize> {
+        self.config.usize(&["hidden_size", "n_embd", "d_model"])
     }
 }

@@ -18,7 +18,11 @@ pub mod stablelm;
 /// A causal language model's forward pass.
 pub trait CausalLM: Send + Sync {
     /// Logits [B, T, vocab] for `input_ids` [B, T] (and a 0/1 `attention_mask` [B, T]).
-    fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> candle_core::Result<Tensor>;
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor>;
 }
 
 /// Builds a model from its config and weights.

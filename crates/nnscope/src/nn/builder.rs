@@ -123,7 +123,10 @@ impl<'a> Builder<'a> {
             } else {
                 format!("{}.{}", self.path(), name)
             };
-            candle_core::bail!("missing tensor `{full}` (expected shape {:?})", shape.dims());
+            candle_core::bail!(
+                "missing tensor `{full}` (expected shape {:?})",
+                shape.dims()
+            );
         }
         self.vb.get(shape, name)
     }

@@ -11,7 +11,11 @@ use candle_core::{DType, Result, Tensor, D};
 pub fn softmax(x: &Tensor, dim: D) -> Result<Tensor> {
     let dt = x.dtype();
     let last = dim.to_index(x.shape(), "softmax")? + 1 == x.rank();
-    let xf = if dt == DType::F32 { x.clone() } else { x.to_dtype(DType::F32)? };
+    let xf = if dt == DType::F32 {
+        x.clone()
+    } else {
+        x.to_dtype(DType::F32)?
+    };
     let y = if last {
         candle_nn::ops::softmax_last_dim(&xf)?
     } else {

@@ -147,7 +147,11 @@ impl LayerNorm {
     /// Loads `weight` and (when `bias`) `bias`.
     pub fn new(dim: usize, eps: f64, bias: bool, vb: Builder) -> Result<Self> {
         let weight = vb.get(dim, "weight")?;
-        let bias = if bias { Some(vb.get(dim, "bias")?) } else { None };
+        let bias = if bias {
+            Some(vb.get(dim, "bias")?)
+        } else {
+            None
+        };
         Ok(LayerNorm {
             weight,
             bias,

@@ -5,7 +5,13 @@ use super::rt::FnInfo;
 
 /// The listing of an instrumented function; the line of `mark` (a label) is flagged with `>>`.
 pub fn listing(info: &FnInfo, mark: Option<&str>) -> String {
-    let width = info.labels.iter().map(|l| l.len()).max().unwrap_or(0).max(4);
+    let width = info
+        .labels
+        .iter()
+        .map(|l| l.len())
+        .max()
+        .unwrap_or(0)
+        .max(4);
     let num_w = info.lines.len().saturating_sub(1).to_string().len();
     let mut out = String::new();
     for (i, text) in info.lines.iter().enumerate() {

@@ -51,7 +51,11 @@ fn err(path: &str, msg: impl Into<String>, suggestions: Vec<String>) -> Error {
 /// Resolves `given` against `model`.
 pub fn resolve(model: &Model, given: &str) -> Result<HookPath> {
     let canonical = crate::standard::expand(model, given)?;
-    let tokens: Vec<&str> = if canonical.is_empty() { vec![] } else { canonical.split('.').collect() };
+    let tokens: Vec<&str> = if canonical.is_empty() {
+        vec![]
+    } else {
+        canonical.split('.').collect()
+    };
     // Longest prefix naming a module (the root module has the empty path).
     let mut found = None;
     for i in (0..=tokens.len()).rev() {
@@ -65,6 +69,13 @@ pub fn resolve(model: &Model, given: &str) -> Result<HookPath> {
         return Err(err(given, "no such module", suggestions_for(model, given)));
     };
     let rest = &tokens[i..];
+    if i == 0 && !rest.is_empty() && !matches!(rest[0], "source" | "output" | "input") {
+        return Err(err(
+            given,
+            "no such module or standard name",
+            suggestions_for(model, given),
+        ));
+    }
     if rest.is_empty() {
         return Err(err(
             given,
@@ -81,18 +92,29 @@ pub fn resolve(model: &Model, given: &str) -> Result<HookPath> {
     let mut labels: Vec<&str> = Vec::new();
     while k < rest.len() && rest[k] == "source" {
         let Some(label) = rest.get(k + 1) else {
-            return Err(err(given, "`.source` must be followed by a hookpoint name", first_labels(info)));
+            return Err(err(
+                given,
+                "`.source` must be followed by a hookpoint name",
+                first_labels(info),
+            ));
         };
         let Some(s) = info.site(label) else {
             return Err(err(
                 given,
-                format!("`{label}` is not a hookpoint of {} (run `nnscope source` to list them)", info.name),
+                format!(
+                    "`{label}` is not a hookpoint of {} (run `nnscope source` to list them)",
+                    info.name
+                ),
                 nearest(label, info.labels.iter().copied(), 3),
             ));
         };
         if !structure_loaded {
             structure_loaded = true;
-            snode = model.structure()?.modules.get(module.id as usize).and_then(|m| m.as_ref());
+            snode = model
+                .structure()?
+                .modules
+                .get(module.id as usize)
+                .and_then(|m| m.as_ref());
         }
         if let Some(prev) = site.take() {
             // The previous label must be a call into an instrumented function.
@@ -112,7 +134,9 @@ pub fn resolve(model: &Model, given: &str) -> Result<HookPath> {
                 None => {
                     return Err(err(
                         given,
-                        format!("`{label}` does not call an instrumented function, so it has no `.source`"),
+                        format!(
+                        "`{label}` does not call an instrumented function, so it has no `.source`"
+                    ),
                         vec![format!("{}.output", rest[..k].join("."))],
                     ))
                 }
@@ -124,7 +148,11 @@ pub fn resolve(model: &Model, given: &str) -> Result<HookPath> {
         Some("output") => Terminal::Output,
         Some("input") => Terminal::Input,
         None if site.is_some() => {
-            return Err(err(given, "a hookpoint needs `.output` to be read or written", vec![format!("{given}.output")]))
+            return Err(err(
+                given,
+                "a hookpoint needs `.output` to be read or written",
+                vec![format!("{given}.output")],
+            ))
         }
         Some(other) => {
             let mut cands: Vec<String> = vec!["source".into(), "output".into(), "input".into()];
@@ -136,7 +164,13 @@ pub fn resolve(model: &Model, given: &str) -> Result<HookPath> {
                     }
                 }
                 if entry.path.is_empty() {
-                    cands.extend(model.modules.entries.iter().map(|e| e.path.split('.').next().unwrap_or("").to_string()));
+                    cands.extend(
+                        model
+                            .modules
+                            .entries
+                            .iter()
+                            .map(|e| e.path.split('.').next().unwrap_or("").to_string()),
+                    );
                 }
             }
             return Err(err(
@@ -152,7 +186,17 @@ pub fn resolve(model: &Model, given: &str) -> Result<HookPath> {
         None => None,
         Some(ix) => match ix.parse::<usize>() {
             Ok(n) if k + 1 == rest.len() => Some(n),
-            _ => return Err(err(given, format!("unexpected `{}` after `.{}`", rest[k..].join("."), term_tok.unwrap_or("")), vec![])),
+            _ => {
+                return Err(err(
+                    given,
+                    format!(
+                        "unexpected `{}` after `.{}`",
+                        rest[k..].join("."),
+                        term_tok.unwrap_or("")
+                    ),
+                    vec![],
+                ))
+            }
         },
     };
     let (site, kind, read_only) = match (site, terminal) {
@@ -167,17 +211,41 @@ pub fn resolve(model: &Model, given: &str) -> Result<HookPath> {
             let kind = snode.and_then(|n| n.kind(s));
             (s, kind, None)
         }
-        (None, Terminal::Output) => (OUTPUT_SITE, Some(Kind::Tensor), None),
+        (None, Terminal::Output) => {
+            // Module outputs are usually tensors; some (DBRX's norm_attn_norm) are tuples.
+            let kind = model
+                .structure()?
+                .modules
+                .get(module.id as usize)
+                .and_then(|m| m.as_ref())
+                .and_then(|n| n.kind(OUTPUT_SITE))
+                .or(Some(Kind::Tensor));
+            (OUTPUT_SITE, kind, None)
+        }
         (None, Terminal::Input) => {
             if info.input.is_none() {
-                return Err(err(given, format!("{} takes no tensor input to hook", info.name), vec![]));
+                return Err(err(
+                    given,
+                    format!("{} takes no tensor input to hook", info.name),
+                    vec![],
+                ));
             }
             (INPUT_SITE, Some(Kind::Tensor), None)
         }
     };
+    // A standard value name (`attentions_output.0`) on a module returning a tuple means its first
+    // element, as nnterp's accessors take `output[0]`.
+    let select = match (kind, select) {
+        (Some(Kind::Tuple(_)), None) if site == OUTPUT_SITE && canonical != given => Some(0),
+        _ => select,
+    };
     match (kind, select) {
         (Some(Kind::Other), _) => {
-            return Err(err(given, "this call returns no tensor, so its `.output` cannot be saved or set", vec![]))
+            return Err(err(
+                given,
+                "this call returns no tensor, so its `.output` cannot be saved or set",
+                vec![],
+            ))
         }
         (Some(Kind::Tuple(n)), None) => {
             return Err(err(
@@ -187,10 +255,18 @@ pub fn resolve(model: &Model, given: &str) -> Result<HookPath> {
             ))
         }
         (Some(Kind::Tuple(n)), Some(i)) if i >= n => {
-            return Err(err(given, format!("index {i} is past the end of a tuple of {n} tensors"), vec![]))
+            return Err(err(
+                given,
+                format!("index {i} is past the end of a tuple of {n} tensors"),
+                vec![],
+            ))
         }
         (Some(Kind::Tensor), Some(i)) if i > 0 => {
-            return Err(err(given, "this value is a single tensor, not a tuple", vec![]))
+            return Err(err(
+                given,
+                "this value is a single tensor, not a tuple",
+                vec![],
+            ))
         }
         _ => {}
     }
@@ -212,13 +288,38 @@ fn first_labels(info: &FnInfo) -> Vec<String> {
 }
 
 fn suggestions_for(model: &Model, given: &str) -> Vec<String> {
-    let mut cands: Vec<String> = model.modules.entries.iter().map(|e| e.path.clone()).collect();
-    cands.extend(crate::standard::STANDARD_NAMES.iter().map(|s| s.to_string()));
-    let head = given.split('.').take(2).collect::<Vec<_>>().join(".");
-    let mut out = nearest(&head, cands.iter().map(|s| s.as_str()), 3);
-    if out.is_empty() {
-        out = nearest(given.split('.').next().unwrap_or(given), cands.iter().map(|s| s.as_str()), 3);
+    let mut cands: Vec<String> = model
+        .modules
+        .entries
+        .iter()
+        .map(|e| e.path.clone())
+        .collect();
+    cands.extend(
+        crate::standard::STANDARD_NAMES
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    // Compare like with like: a standard name with its first segment, a module path with as many
+    // segments as were given.
+    let first = given.split('.').next().unwrap_or(given);
+    let mut out: Vec<String> = nearest(first, crate::standard::STANDARD_NAMES.iter().copied(), 2)
+        .into_iter()
+        .map(|s| match given.split_once('.') {
+            Some((_, tail)) => format!("{s}.{tail}"),
+            None => s,
+        })
+        .collect();
+    let n = given.split('.').count();
+    let trimmed: Vec<String> = cands
+        .iter()
+        .map(|c| c.split('.').take(n).collect::<Vec<_>>().join("."))
+        .collect();
+    for s in nearest(given, trimmed.iter().map(|s| s.as_str()), 3) {
+        if !out.contains(&s) {
+            out.push(s);
+        }
     }
+    out.truncate(3);
     out
 }
 
@@ -228,7 +329,11 @@ fn suggestions_for(model: &Model, given: &str) -> Vec<String> {
 pub fn resolve_function(model: &Model, given: &str) -> Result<&'static FnInfo> {
     let trimmed = given.trim_end_matches(".source");
     let canonical = crate::standard::expand(model, trimmed)?;
-    let tokens: Vec<&str> = if canonical.is_empty() { vec![] } else { canonical.split('.').collect() };
+    let tokens: Vec<&str> = if canonical.is_empty() {
+        vec![]
+    } else {
+        canonical.split('.').collect()
+    };
     let mut found = None;
     for i in (0..=tokens.len()).rev() {
         if let Some((scope, entry)) = model.modules.find(&tokens[..i].join(".")) {
@@ -245,11 +350,21 @@ pub fn resolve_function(model: &Model, given: &str) -> Result<&'static FnInfo> {
         return Ok(info);
     }
     let structure = model.structure()?;
-    let mut node = structure.modules.get(module.id as usize).and_then(|m| m.as_ref());
+    let mut node = structure
+        .modules
+        .get(module.id as usize)
+        .and_then(|m| m.as_ref());
     let mut k = 0;
     while k < rest.len() {
         if rest[k] != "source" || k + 1 >= rest.len() {
-            return Err(err(given, format!("expected `.source.<hookpoint>` at `{}`", rest[k..].join(".")), vec![]));
+            return Err(err(
+                given,
+                format!(
+                    "expected `.source.<hookpoint>` at `{}`",
+                    rest[k..].join(".")
+                ),
+                vec![],
+            ));
         }
         let label = rest[k + 1];
         let site = info.site(label).ok_or_else(|| {
@@ -260,7 +375,11 @@ pub fn resolve_function(model: &Model, given: &str) -> Result<&'static FnInfo> {
             )
         })?;
         let next = node.and_then(|n| n.call(site)).ok_or_else(|| {
-            err(given, format!("`{label}` does not call an instrumented function, so it has no source"), vec![])
+            err(
+                given,
+                format!("`{label}` does not call an instrumented function, so it has no source"),
+                vec![],
+            )
         })?;
         info = next.info;
         node = Some(next);

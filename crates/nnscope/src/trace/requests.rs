@@ -210,7 +210,13 @@ impl<'a> Ctx<'a> {
     }
 
     /// Runs the requests at `site` of the current scope, in the order they were made.
-    pub fn apply(&self, site: u32, _info: &'static FnInfo, mut v: Value, _kind: Kind) -> Result<Value> {
+    pub fn apply(
+        &self,
+        site: u32,
+        _info: &'static FnInfo,
+        mut v: Value,
+        _kind: Kind,
+    ) -> Result<Value> {
         if self.stopped.get() {
             return Err(candle_core::Error::Msg("nnscope: trace stopped".into()));
         }
@@ -312,4 +318,3 @@ fn all_finite(t: &Tensor) -> Result<bool> {
     let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     Ok(v.iter().all(|x| x.is_finite()))
 }
-

@@ -32,7 +32,10 @@ pub struct FnInfo {
 impl FnInfo {
     /// Site index of a label, if the function has it.
     pub fn site(&self, label: &str) -> Option<u32> {
-        self.labels.iter().position(|l| *l == label).map(|i| i as u32)
+        self.labels
+            .iter()
+            .position(|l| *l == label)
+            .map(|i| i as u32)
     }
 }
 
@@ -260,7 +263,9 @@ impl ProbeResult for Probe<Result<Tensor>> {
         }
         match apply(self.site, self.info, Value::Tensor(r?), Kind::Tensor)? {
             Value::Tensor(n) => Ok(n),
-            Value::Tuple(_) => Err(candle_core::Error::Msg("nnscope: tuple for a tensor".into())),
+            Value::Tuple(_) => Err(candle_core::Error::Msg(
+                "nnscope: tuple for a tensor".into(),
+            )),
         }
     }
 }
@@ -291,9 +296,14 @@ impl ProbePair for Probe<(Tensor, Tensor)> {
             return (a, b);
         }
         let keep = (a.clone(), b.clone());
-        apply(self.site, self.info, Value::Tuple(vec![a, b]), Kind::Tuple(2))
-            .and_then(into_pair)
-            .unwrap_or(keep)
+        apply(
+            self.site,
+            self.info,
+            Value::Tuple(vec![a, b]),
+            Kind::Tuple(2),
+        )
+        .and_then(into_pair)
+        .unwrap_or(keep)
     }
 }
 
@@ -310,14 +320,11 @@ impl ProbePairResult for Probe<Result<(Tensor, Tensor)>> {
             return r;
         }
         let (a, b) = r?;
-        into_pair(apply(self.site, self.info, Value::Tuple(vec![a, b]), Kind::Tuple(2))?)
+        into_pair(apply(
+            self.site,
+            self.info,
+            Value::Tuple(vec![a, b]),
+            Kind::Tuple(2),
+        )?)
     }
-}
-
-/// Runs `f` with no trace active on this thread (used for internal passes such as shape probes).
-pub(crate) fn without_trace<R>(f: impl FnOnce() -> R) -> R {
-    let prev = ACTIVE.with(|a| a.replace(std::ptr::null()));
-    let r = f();
-    ACTIVE.with(|a| a.set(prev));
-    r
 }

@@ -40,7 +40,10 @@ impl Structure {
     pub(crate) fn record(model: &Model) -> Result<Self> {
         let n = model.modules.len();
         let ctx = Ctx::new(n, true);
-        let ids = Tensor::new(&[[0u32, 1u32.min(model.vocab_size as u32 - 1)]], &model.device)?;
+        let ids = Tensor::new(
+            &[[0u32, 1u32.min(model.vocab_size as u32 - 1)]],
+            &model.device,
+        )?;
         {
             // SAFETY: `ctx` lives on this frame for the guard's whole life.
             let _act = unsafe { Activation::new(&ctx) };
@@ -52,7 +55,11 @@ impl Structure {
             Some(SNode {
                 info: n.info?,
                 kinds: n.kinds.clone(),
-                calls: n.calls.iter().filter_map(|(s, c)| build(nodes, *c).map(|sn| (*s, sn))).collect(),
+                calls: n
+                    .calls
+                    .iter()
+                    .filter_map(|(s, c)| build(nodes, *c).map(|sn| (*s, sn)))
+                    .collect(),
             })
         }
         let modules = ctx

@@ -10,7 +10,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 pub fn fixture(arch: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(arch)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(arch)
 }
 
 pub fn load(arch: &str) -> Model {
@@ -38,13 +40,32 @@ pub fn golden(arch: &str) -> Golden {
 
 /// Max |a - b| over positions where `keep` is 1 (same shape as a, b, broadcastable).
 fn masked_max_diff(a: &Tensor, b: &Tensor, keep: &Tensor) -> f32 {
-    let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap().abs().unwrap();
-    let d = d.broadcast_mul(&keep.to_dtype(DType::F32).unwrap()).unwrap();
-    d.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap();
+    let d = d
+        .broadcast_mul(&keep.to_dtype(DType::F32).unwrap())
+        .unwrap();
+    d.flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn max_abs(a: &Tensor) -> f32 {
-    a.to_dtype(DType::F32).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    a.to_dtype(DType::F32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// [B, T] mask -> [B, T, 1] for hidden states.
@@ -79,15 +100,28 @@ pub fn check_input(model: &Model, g: &Golden, prefix: &str) {
     let ids = &g.t[&format!("{prefix}.input_ids")];
     let mask = &g.t[&format!("{prefix}.attention_mask")];
     // Tokenization must reproduce the golden ids.
-    let prompts: Vec<String> = if prefix == "single" { vec![g.prompt.clone()] } else { g.batch.clone() };
+    let prompts: Vec<String> = if prefix == "single" {
+        vec![g.prompt.clone()]
+    } else {
+        g.batch.clone()
+    };
     let (tok_ids, tok_mask) = model.tokenize(&prompts).unwrap();
     assert_eq!(
-        tok_ids.to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap(),
+        tok_ids
+            .to_dtype(DType::I64)
+            .unwrap()
+            .to_vec2::<i64>()
+            .unwrap(),
         ids.to_vec2::<i64>().unwrap(),
         "{prefix}: tokenization"
     );
     assert_eq!(
-        tok_mask.unwrap().to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap(),
+        tok_mask
+            .unwrap()
+            .to_dtype(DType::I64)
+            .unwrap()
+            .to_vec2::<i64>()
+            .unwrap(),
         mask.to_vec2::<i64>().unwrap(),
         "{prefix}: attention mask"
     );
@@ -104,11 +138,21 @@ pub fn check_input(model: &Model, g: &Golden, prefix: &str) {
         }
     }
     let out = tr.run().unwrap();
-    assert_hidden(&format!("{prefix}.embed_tokens"), out.get("token_embeddings").unwrap(), &g.t[&format!("{prefix}.embed_tokens")], mask);
+    assert_hidden(
+        &format!("{prefix}.embed_tokens"),
+        out.get("token_embeddings").unwrap(),
+        &g.t[&format!("{prefix}.embed_tokens")],
+        mask,
+    );
     for l in 0..n {
         for what in ["layers_input", "layers_output"] {
             let name = format!("{what}.{l}");
-            assert_hidden(&format!("{prefix}.{name}"), out.get(&name).unwrap(), &g.t[&format!("{prefix}.{name}")], mask);
+            assert_hidden(
+                &format!("{prefix}.{name}"),
+                out.get(&name).unwrap(),
+                &g.t[&format!("{prefix}.{name}")],
+                mask,
+            );
         }
         let name = format!("attention_probabilities.{l}");
         let mut ours = out.get(&name).unwrap().clone();
@@ -120,8 +164,18 @@ pub fn check_input(model: &Model, g: &Golden, prefix: &str) {
         }
         assert_probs(&format!("{prefix}.{name}"), &ours, reference, mask);
     }
-    assert_hidden(&format!("{prefix}.ln_final"), out.get("ln_final.output").unwrap(), &g.t[&format!("{prefix}.ln_final")], mask);
-    assert_hidden(&format!("{prefix}.logits"), out.logits.as_ref().unwrap(), &g.t[&format!("{prefix}.logits")], mask);
+    assert_hidden(
+        &format!("{prefix}.ln_final"),
+        out.get("ln_final.output").unwrap(),
+        &g.t[&format!("{prefix}.ln_final")],
+        mask,
+    );
+    assert_hidden(
+        &format!("{prefix}.logits"),
+        out.logits.as_ref().unwrap(),
+        &g.t[&format!("{prefix}.logits")],
+        mask,
+    );
 }
 
 /// Uniform causal attention [1, H, T, T] (row q: 1/(q+1) on keys 0..q), shaped like `like`.
@@ -134,7 +188,12 @@ pub fn uniform_like(like: &Tensor) -> Tensor {
             v[i * k + j] = 1.0 / (i as f32 + 1.0);
         }
     }
-    Tensor::from_vec(v, (1, 1, q, k), &Device::Cpu).unwrap().broadcast_as((b, h, q, k)).unwrap().contiguous().unwrap()
+    Tensor::from_vec(v, (1, 1, q, k), &Device::Cpu)
+        .unwrap()
+        .broadcast_as((b, h, q, k))
+        .unwrap()
+        .contiguous()
+        .unwrap()
 }
 
 /// Writes uniform causal attention at `path_of(layer)` in every layer and compares the logits with
@@ -148,10 +207,24 @@ pub fn check_uniform(model: &Model, g: &Golden, path_of: impl Fn(usize) -> Strin
     let out = tr.run().unwrap();
     let reference = &g.t["uniform_attention.logits"];
     let mask = g.t["single.attention_mask"].clone();
-    assert_hidden("uniform_attention.logits", out.logits.as_ref().unwrap(), reference, &mask);
+    assert_hidden(
+        "uniform_attention.logits",
+        out.logits.as_ref().unwrap(),
+        reference,
+        &mask,
+    );
     // And the edit must have changed something.
     let plain = &g.t["single.logits"];
-    let moved = (reference - plain).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let moved = (reference - plain)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(moved > 1e-3, "uniform attention should change the logits");
     let _ = reference.i(0).unwrap();
 }
@@ -165,4 +238,15 @@ pub fn parity(arch: &str) {
     if model.arch.prob_shape == ProbShape::Standard {
         check_uniform(&model, &g, |l| format!("attention_probabilities.{l}"));
     }
+}
+
+/// The `single` input ids of a model's fixture golden.
+pub fn golden_path_ids(model: &Model) -> Tensor {
+    let name = model
+        .source
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    golden(&name).t["single.input_ids"].clone()
 }
