@@ -307,7 +307,7 @@ impl Model {
     /// The longest sequence the model can take, where it has a hard limit (learned positions).
     pub fn max_positions(&self) -> Option<usize> {
         match self.arch.model_type {
-            "gpt2" => self.config.opt_usize("n_positions").ok().flatten(),
+            "gpt2" | "gptj" => self.config.opt_usize("n_positions").ok().flatten(),
             _ => None,
         }
     }

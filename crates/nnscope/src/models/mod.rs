@@ -9,11 +9,14 @@ use crate::config::Config;
 use crate::nn::Builder;
 use candle_core::Tensor;
 
+pub mod bloom;
 pub mod dbrx;
 pub mod gpt2;
 pub mod gpt_oss;
+pub mod gptj;
 pub mod llama;
 pub mod qwen2_moe;
+pub mod stablelm;
 
 /// A causal language model's forward pass.
 pub trait CausalLM: Send + Sync {
@@ -110,6 +113,27 @@ pub const ARCHITECTURES: &[Architecture] = &[
         load: gpt_oss::load,
         attention_probabilities: "source.attention_interface_0.source.F_softmax_0",
         prob_shape: ProbShape::SinkColumn,
+    },
+    Architecture {
+        model_type: "gptj",
+        class: "GPTJForCausalLM",
+        load: gptj::load,
+        attention_probabilities: "source.self__attn_0.source.self_attn_dropout_0",
+        prob_shape: ProbShape::Standard,
+    },
+    Architecture {
+        model_type: "bloom",
+        class: "BloomForCausalLM",
+        load: bloom::load,
+        attention_probabilities: "source.self_attention_dropout_0",
+        prob_shape: ProbShape::Standard,
+    },
+    Architecture {
+        model_type: "stablelm",
+        class: "StableLmForCausalLM",
+        load: stablelm::load,
+        attention_probabilities: "source.self_attention_dropout_0",
+        prob_shape: ProbShape::Standard,
     },
 ];
 

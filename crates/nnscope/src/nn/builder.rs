@@ -81,6 +81,19 @@ impl<'a> Builder<'a> {
         }
     }
 
+    /// Descends to a child module whose weights are stored at the current prefix: checkpoints saved
+    /// from a base model (BLOOM's `BloomModel`) lack the `transformer.` prefix that the module path of
+    /// the causal-LM class has.
+    pub fn pp_module<S: ToString>(&self, s: S) -> Self {
+        let mut path = self.path.clone();
+        path.push(s.to_string());
+        Builder {
+            vb: self.vb.clone(),
+            path,
+            table: self.table.clone(),
+        }
+    }
+
     /// The current Hugging Face path.
     pub fn path(&self) -> String {
         self.path.join(".")
