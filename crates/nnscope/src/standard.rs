@@ -280,8 +280,9 @@ pub fn expand(model: &Model, path: &str) -> Result<String> {
 }
 
 impl Model {
-    /// This architecture's attention-probability hookpoint, relative to `attentions.L`.
+    /// This model's attention-probability hookpoint, relative to `attentions.L`: the registry's path,
+    /// unless the loaded config routes attention elsewhere (see `CausalLM::attention_probabilities`).
     pub fn attention_probabilities_path(&self) -> Result<&str> {
-        Ok(self.arch.attention_probabilities)
+        Ok(self.net.attention_probabilities().unwrap_or(self.arch.attention_probabilities))
     }
 }

@@ -290,9 +290,20 @@ impl GPT2LMHeadModel {
     }
 }
 
+/// Where the probabilities are with `reorder_and_upcast_attn`: transformers calls
+/// `self._upcast_and_reordered_attn(..)` instead of `attention_interface(..)`, and its dropout is
+/// `self.attn_dropout(attn_weights)`.
+pub const UPCAST_ATTENTION_PROBABILITIES: &str = "source.self__upcast_and_reordered_attn_0.source.self_attn_dropout_0";
+
 impl CausalLM for GPT2LMHeadModel {
     fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         GPT2LMHeadModel::forward(self, input_ids, attention_mask)
+    }
+
+    fn attention_probabilities(&self) -> Option<&'static str> {
+        // Every layer shares the config, so the first one says it for all.
+        let reordered = self.transformer.h.first().is_some_and(|b| b.attn.reorder_and_upcast_attn);
+        reordered.then_some(UPCAST_ATTENTION_PROBABILITIES)
     }
 }
 

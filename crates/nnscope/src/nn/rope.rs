@@ -26,12 +26,12 @@ impl RopeParams {
     /// Reads RoPE parameters from a config in either layout. `default_theta` is the model config
     /// class's default (10000 for most).
     pub fn from_config(cfg: &Config, default_theta: f64, default_max_pos: usize) -> crate::Result<Self> {
-        let mut params = match cfg.raw.get("rope_parameters") {
-            Some(serde_json::Value::Object(m)) if !m.is_empty() => m.clone(),
-            _ => match cfg.raw.get("rope_scaling") {
-                Some(serde_json::Value::Object(m)) => m.clone(),
-                _ => serde_json::Map::new(),
-            },
+        // transformers' `convert_rope_params_to_dict`: `rope_scaling or rope_parameters`, so a
+        // non-empty legacy `rope_scaling` wins when a config has both.
+        let mut params = match (cfg.raw.get("rope_scaling"), cfg.raw.get("rope_parameters")) {
+            (Some(serde_json::Value::Object(m)), _) if !m.is_empty() => m.clone(),
+            (_, Some(serde_json::Value::Object(m))) => m.clone(),
+            _ => serde_json::Map::new(),
         };
         let top_theta = cfg.opt_f64("rope_theta")?;
         let top_prf = cfg.opt_f64("partial_rotary_factor")?;
