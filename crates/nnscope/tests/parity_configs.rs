@@ -70,7 +70,8 @@ fn gpt2_reorder_upcast_inverse_layer_idx() {
 #[test]
 fn gpt2_reorder_probabilities_path() {
     let model = common::load("gpt2_reorder");
-    let p = "attentions.1.source.self__upcast_and_reordered_attn_0.source.self_attn_dropout_0.output";
+    let p =
+        "attentions.1.source.self__upcast_and_reordered_attn_0.source.self_attn_dropout_0.output";
     let out = model
         .trace(Input::prompts(&["Free software"]))
         .save(p)
@@ -92,12 +93,24 @@ fn gpt2_unscaled_relu_untied() {
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
-    d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    d.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn max_abs(a: &Tensor) -> f32 {
     let a = a.to_dtype(DType::F32).unwrap().abs().unwrap();
-    a.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    a.flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// A fresh directory under the system temp dir, removed when dropped.
@@ -154,8 +167,11 @@ fn cli() -> PathBuf {
             cmd.arg("--release");
         }
         let target_dir = profile_dir.parent().unwrap();
-        cmd.env("CARGO_TARGET_DIR", target_dir).current_dir(env!("CARGO_MANIFEST_DIR"));
-        let st = cmd.status().expect("running cargo to build the nnscope CLI");
+        cmd.env("CARGO_TARGET_DIR", target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        let st = cmd
+            .status()
+            .expect("running cargo to build the nnscope CLI");
         assert!(st.success(), "building the nnscope CLI failed");
     });
     assert!(bin.is_file(), "no CLI binary at {}", bin.display());
@@ -170,7 +186,12 @@ fn write_inputs(g: &common::Golden, path: &Path) {
     candle_core::safetensors::save(&m, path).unwrap();
 }
 
-const LLAMA_FILES: &[&str] = &["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"];
+const LLAMA_FILES: &[&str] = &[
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+];
 
 // MODEL as a hub id, found offline in a local cache laid out like huggingface_hub's
 // (models--org--name/snapshots/<rev>, refs/main). HF_HUB_CACHE is set for the child process only:
@@ -182,9 +203,14 @@ fn hub_id_from_local_cache() {
     let cache = tmp.0.join("hub");
     let rev = "0123456789abcdef0123456789abcdef01234567";
     let repo = cache.join("models--tiny-org--tiny-llama");
-    copy_files(&common::fixture("llama"), &repo.join("snapshots").join(rev), LLAMA_FILES);
+    copy_files(
+        &common::fixture("llama"),
+        &repo.join("snapshots").join(rev),
+        LLAMA_FILES,
+    );
     // A stale snapshot that refs/main does not point at: it must not be picked.
-    std::fs::create_dir_all(repo.join("snapshots/ffffffffffffffffffffffffffffffffffffffff")).unwrap();
+    std::fs::create_dir_all(repo.join("snapshots/ffffffffffffffffffffffffffffffffffffffff"))
+        .unwrap();
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), rev).unwrap();
     let inputs = tmp.0.join("ids.safetensors");
@@ -203,7 +229,11 @@ fn hub_id_from_local_cache() {
             .unwrap()
     };
     let o = run("tiny-org/tiny-llama");
-    assert!(o.status.success(), "nnscope run failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "nnscope run failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let saved = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
     let mask = g.t["single.attention_mask"].clone();
     common::assert_hidden("hub.logits", &saved["logits"], &g.t["single.logits"], &mask);
@@ -220,7 +250,11 @@ fn hub_id_from_local_cache() {
 fn sharded_checkpoint() {
     let src = common::fixture("llama");
     let tmp = TempDir::new("shards");
-    copy_files(&src, &tmp.0, &["config.json", "tokenizer.json", "tokenizer_config.json"]);
+    copy_files(
+        &src,
+        &tmp.0,
+        &["config.json", "tokenizer.json", "tokenizer_config.json"],
+    );
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
@@ -230,8 +264,10 @@ fn sharded_checkpoint() {
     let mut total = 0usize;
     for (i, part) in [&names[..half], &names[half..]].iter().enumerate() {
         let file = format!("model-{:05}-of-00002.safetensors", i + 1);
-        let views: Vec<(String, safetensors::tensor::TensorView)> =
-            part.iter().map(|n| (n.clone(), st.tensor(n).unwrap())).collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = part
+            .iter()
+            .map(|n| (n.clone(), st.tensor(n).unwrap()))
+            .collect();
         for (n, v) in &views {
             total += v.data().len();
             weight_map.insert(n.clone(), serde_json::Value::from(file.clone()));
@@ -239,14 +275,22 @@ fn sharded_checkpoint() {
         safetensors::serialize_to_file(views, None, &tmp.0.join(&file)).unwrap();
     }
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    std::fs::write(tmp.0.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::write(
+        tmp.0.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
     assert!(!tmp.0.join("model.safetensors").exists());
 
     let g = common::golden("llama");
     let sharded = Model::load(tmp.0.to_str().unwrap(), &LoadOptions::default()).unwrap();
     let whole = common::load("llama");
     let (a, b) = (logits(&sharded, &g), logits(&whole, &g));
-    assert_eq!(max_diff(&a, &b), 0.0, "sharded and single-file logits differ");
+    assert_eq!(
+        max_diff(&a, &b),
+        0.0,
+        "sharded and single-file logits differ"
+    );
     common::check_input(&sharded, &g, "single");
 }
 
@@ -255,9 +299,16 @@ fn sharded_checkpoint() {
 fn bf16_copy(tmp: &TempDir) -> PathBuf {
     let src = common::fixture("llama");
     let dir = tmp.0.join("llama-bf16");
-    copy_files(&src, &dir, &["config.json", "tokenizer.json", "tokenizer_config.json"]);
+    copy_files(
+        &src,
+        &dir,
+        &["config.json", "tokenizer.json", "tokenizer_config.json"],
+    );
     let w = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
-    let w: HashMap<String, Tensor> = w.into_iter().map(|(k, v)| (k, v.to_dtype(DType::BF16).unwrap())).collect();
+    let w: HashMap<String, Tensor> = w
+        .into_iter()
+        .map(|(k, v)| (k, v.to_dtype(DType::BF16).unwrap()))
+        .collect();
     candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
     dir
 }
@@ -279,12 +330,21 @@ fn llama_bf16_weights_f32_compute() {
 fn bfloat16_weights() {
     let tmp = TempDir::new("bf16");
     let dir = bf16_copy(&tmp);
-    let ours_w = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
-    let torch_w = candle_core::safetensors::load(common::fixture("llama_bf16").join("model.safetensors"), &Device::Cpu).unwrap();
+    let ours_w =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let torch_w = candle_core::safetensors::load(
+        common::fixture("llama_bf16").join("model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(ours_w.len(), torch_w.len());
     for (k, v) in &ours_w {
         assert_eq!(v.dtype(), DType::BF16);
-        assert_eq!(max_diff(v, &torch_w[k]), 0.0, "{k}: bf16 rounding differs from torch's");
+        assert_eq!(
+            max_diff(v, &torch_w[k]),
+            0.0,
+            "{k}: bf16 rounding differs from torch's"
+        );
     }
     let g = common::golden("llama_bf16");
     let model = Model::load(dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
@@ -292,7 +352,12 @@ fn bfloat16_weights() {
     let ours = logits(&model, &g);
     assert_eq!(ours.dtype(), DType::F32);
     let mask = g.t["single.attention_mask"].clone();
-    common::assert_hidden("bf16 weights, f32 compute: logits", &ours, &g.t["single.logits"], &mask);
+    common::assert_hidden(
+        "bf16 weights, f32 compute: logits",
+        &ours,
+        &g.t["single.logits"],
+        &mask,
+    );
 
     // bfloat16 compute through the CLI: runs, writes float32, finite and near the golden. Activations
     // round to 8 bits at every op through 2 layers (measured: max |diff| ~0.5 for |logit| <= 7), so
@@ -302,13 +367,23 @@ fn bfloat16_weights() {
     write_inputs(&g, &inputs);
     let out = tmp.0.join("out.safetensors");
     let o = Command::new(cli())
-        .args(["run", dir.to_str().unwrap(), "--dtype", "bfloat16", "--inputs"])
+        .args([
+            "run",
+            dir.to_str().unwrap(),
+            "--dtype",
+            "bfloat16",
+            "--inputs",
+        ])
         .arg(&inputs)
         .args(["--save", "logits", "--save", "layers_output.*", "--out"])
         .arg(&out)
         .output()
         .unwrap();
-    assert!(o.status.success(), "nnscope run --dtype bfloat16 failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "nnscope run --dtype bfloat16 failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let saved = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
     let l = &saved["logits"];
     assert_eq!(l.dtype(), DType::F32);
@@ -317,5 +392,8 @@ fn bfloat16_weights() {
     let d = max_diff(l, reference);
     eprintln!("bf16 compute: max |logit - golden| = {d}");
     let tol = 0.15 * max_abs(reference).max(1.0);
-    assert!(d.is_finite() && d <= tol, "bf16 compute: max logit diff {d} > {tol}");
+    assert!(
+        d.is_finite() && d <= tol,
+        "bf16 compute: max logit diff {d} > {tol}"
+    );
 }

@@ -56,13 +56,14 @@ impl GPT2Config {
             });
         }
         let act = cfg.str_or("activation_function", "gelu_new")?;
-        let activation_function = Activation::from_name(act).ok_or_else(|| crate::Error::Config {
-            path: cfg.path.clone(),
-            msg: format!(
-                "activation_function `{act}` is not supported; supported: {}",
-                nn::ACTIVATION_NAMES_LIST.join(", ")
-            ),
-        })?;
+        let activation_function =
+            Activation::from_name(act).ok_or_else(|| crate::Error::Config {
+                path: cfg.path.clone(),
+                msg: format!(
+                    "activation_function `{act}` is not supported; supported: {}",
+                    nn::ACTIVATION_NAMES_LIST.join(", ")
+                ),
+            })?;
         Ok(GPT2Config {
             vocab_size: cfg.usize(&["vocab_size"])?,
             n_positions: cfg.usize_or("n_positions", 1024)?,
@@ -73,7 +74,8 @@ impl GPT2Config {
             activation_function,
             layer_norm_epsilon: cfg.f64_or("layer_norm_epsilon", 1e-5)?,
             scale_attn_weights: cfg.bool_or("scale_attn_weights", true)?,
-            scale_attn_by_inverse_layer_idx: cfg.bool_or("scale_attn_by_inverse_layer_idx", false)?,
+            scale_attn_by_inverse_layer_idx: cfg
+                .bool_or("scale_attn_by_inverse_layer_idx", false)?,
             reorder_and_upcast_attn: cfg.bool_or("reorder_and_upcast_attn", false)?,
             tie_word_embeddings: cfg.bool_or("tie_word_embeddings", true)?,
             attn_pdrop: cfg.f64_or("attn_pdrop", 0.1)?,
@@ -171,7 +173,11 @@ impl GPT2Attention {
     }
 
     /// Self-attention over `hidden_states` [B, T, n_embd].
-    pub fn forward(&self, hidden_states: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        hidden_states: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, t, _) = hidden_states.dims3()?;
         let qkv = self.c_attn.forward(hidden_states)?;
         let query_states = qkv.narrow(2, 0, self.split_size)?;
@@ -183,10 +189,22 @@ impl GPT2Attention {
         let value_states = value_states.reshape(shape)?.transpose(1, 2)?.contiguous()?;
 
         let (attn_output, _attn_weights) = if self.reorder_and_upcast_attn {
-            self._upcast_and_reordered_attn(&query_states, &key_states, &value_states, attention_mask)?
+            self._upcast_and_reordered_attn(
+                &query_states,
+                &key_states,
+                &value_states,
+                attention_mask,
+            )?
         } else {
             let attention_interface = eager_attention_forward;
-            attention_interface(self, &query_states, &key_states, &value_states, attention_mask, self.scaling)?
+            attention_interface(
+                self,
+                &query_states,
+                &key_states,
+                &value_states,
+                attention_mask,
+                self.scaling,
+            )?
         };
         let attn_output = attn_output.reshape((b, t, ()))?;
         let attn_output = self.c_proj.forward(&attn_output)?;
@@ -226,7 +244,11 @@ pub struct GPT2Block {
 #[hooked]
 impl GPT2Block {
     /// Pre-norm attention and MLP with residuals.
-    pub fn forward(&self, hidden_states: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        hidden_states: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let residual = hidden_states;
         let hidden_states = self.ln_1.forward(hidden_states)?;
         let attn_output = self.attn.forward(&hidden_states, attention_mask)?;
@@ -255,7 +277,8 @@ impl GPT2Model {
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         let (batch, seq_len) = input_ids.dims2()?;
         let inputs_embeds = self.wte.forward(input_ids)?;
-        let position_ids = Tensor::arange(0u32, seq_len as u32, input_ids.device())?.unsqueeze(0)?;
+        let position_ids =
+            Tensor::arange(0u32, seq_len as u32, input_ids.device())?.unsqueeze(0)?;
         let position_embeds = self.wpe.forward(&position_ids)?;
         let hidden_states = inputs_embeds.broadcast_add(&position_embeds)?;
         let causal_mask = mask::causal_mask(
@@ -293,7 +316,8 @@ impl GPT2LMHeadModel {
 /// Where the probabilities are with `reorder_and_upcast_attn`: transformers calls
 /// `self._upcast_and_reordered_attn(..)` instead of `attention_interface(..)`, and its dropout is
 /// `self.attn_dropout(attn_weights)`.
-pub const UPCAST_ATTENTION_PROBABILITIES: &str = "source.self__upcast_and_reordered_attn_0.source.self_attn_dropout_0";
+pub const UPCAST_ATTENTION_PROBABILITIES: &str =
+    "source.self__upcast_and_reordered_attn_0.source.self_attn_dropout_0";
 
 impl CausalLM for GPT2LMHeadModel {
     fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
@@ -302,7 +326,11 @@ impl CausalLM for GPT2LMHeadModel {
 
     fn attention_probabilities(&self) -> Option<&'static str> {
         // Every layer shares the config, so the first one says it for all.
-        let reordered = self.transformer.h.first().is_some_and(|b| b.attn.reorder_and_upcast_attn);
+        let reordered = self
+            .transformer
+            .h
+            .first()
+            .is_some_and(|b| b.attn.reorder_and_upcast_attn);
         reordered.then_some(UPCAST_ATTENTION_PROBABILITIES)
     }
 }
@@ -312,7 +340,11 @@ pub fn load(config: &Config, vb: Builder) -> crate::Result<Box<dyn CausalLM>> {
     let cfg = GPT2Config::read(config)?;
     let root = vb.clone();
     // Checkpoints saved from `GPT2Model` have no `transformer.` prefix.
-    let vb_t = if vb.contains("transformer.wte.weight") { vb.pp("transformer") } else { vb.pp("transformer") };
+    let vb_t = if vb.contains("transformer.wte.weight") {
+        vb.pp("transformer")
+    } else {
+        vb.pp("transformer")
+    };
     let wte = Embedding::new(cfg.vocab_size, cfg.n_embd, vb_t.pp("wte"))?;
     let wpe = Embedding::new(cfg.n_positions, cfg.n_embd, vb_t.pp("wpe"))?;
     let drop = Dropout::new(cfg.embd_pdrop, vb_t.pp("drop"));

@@ -64,7 +64,10 @@ impl LlamaConfig {
             _ => hidden_size / num_attention_heads.max(1),
         };
         let head_dim = cfg.usize_or("head_dim", default_head_dim)?;
-        if num_attention_heads == 0 || num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+        if num_attention_heads == 0
+            || num_key_value_heads == 0
+            || num_attention_heads % num_key_value_heads != 0
+        {
             return Err(crate::Error::Config {
                 path: cfg.path.clone(),
                 msg: format!(
@@ -109,9 +112,14 @@ impl LlamaConfig {
                     cfg.layer_types(num_hidden_layers, false)?
                 } else {
                     let max_window_layers = cfg.usize_or("max_window_layers", 28)?;
-                    (0..num_hidden_layers).map(|i| i >= max_window_layers).collect()
+                    (0..num_hidden_layers)
+                        .map(|i| i >= max_window_layers)
+                        .collect()
                 };
-                types.into_iter().map(|s| if s { window } else { None }).collect()
+                types
+                    .into_iter()
+                    .map(|s| if s { window } else { None })
+                    .collect()
             }
             _ => vec![None; num_hidden_layers],
         };
@@ -178,9 +186,9 @@ impl LlamaMLP {
 impl LlamaMLP {
     /// down_proj(act_fn(gate_proj(x)) * up_proj(x)).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let down_proj = self
-            .down_proj
-            .forward(&(self.act_fn.forward(&self.gate_proj.forward(x)?)? * self.up_proj.forward(x)?)?)?;
+        let down_proj = self.down_proj.forward(
+            &(self.act_fn.forward(&self.gate_proj.forward(x)?)? * self.up_proj.forward(x)?)?,
+        )?;
         Ok(down_proj)
     }
 }
@@ -216,7 +224,8 @@ pub fn eager_attention_forward(
     if let Some(mask) = attention_mask {
         attn_weights = attn_weights.broadcast_add(mask)?;
     }
-    let attn_weights = nn::functional::softmax(&attn_weights, D::Minus1)?.to_dtype(query.dtype())?;
+    let attn_weights =
+        nn::functional::softmax(&attn_weights, D::Minus1)?.to_dtype(query.dtype())?;
     let attn_weights = nn::functional::dropout(&attn_weights, dropout)?;
     let attn_output = attn_weights.matmul(&value_states.contiguous()?)?;
     let attn_output = attn_output.transpose(1, 2)?.contiguous()?;
@@ -280,16 +289,23 @@ impl LlamaAttention {
         let hidden_shape = (b, t, (), self.head_dim);
         let query_states = self.q_proj.forward(hidden_states)?.reshape(hidden_shape)?;
         let key_states = self.k_proj.forward(hidden_states)?.reshape(hidden_shape)?;
-        let value_states = self.v_proj.forward(hidden_states)?.reshape(hidden_shape)?.transpose(1, 2)?;
+        let value_states = self
+            .v_proj
+            .forward(hidden_states)?
+            .reshape(hidden_shape)?
+            .transpose(1, 2)?;
         let (query_states, key_states) = match (&self.q_norm, &self.k_norm) {
-            (Some(q_norm), Some(k_norm)) => (q_norm.forward(&query_states)?, k_norm.forward(&key_states)?),
+            (Some(q_norm), Some(k_norm)) => {
+                (q_norm.forward(&query_states)?, k_norm.forward(&key_states)?)
+            }
             _ => (query_states, key_states),
         };
         let query_states = query_states.transpose(1, 2)?;
         let key_states = key_states.transpose(1, 2)?;
 
         let (cos, sin) = position_embeddings;
-        let (query_states, key_states) = apply_rotary_pos_emb(&query_states, &key_states, cos, sin)?;
+        let (query_states, key_states) =
+            apply_rotary_pos_emb(&query_states, &key_states, cos, sin)?;
 
         let attention_interface = eager_attention_forward;
         let (attn_output, _attn_weights) = attention_interface(
@@ -326,7 +342,9 @@ impl LlamaDecoderLayer {
     ) -> Result<Tensor> {
         let residual = hidden_states;
         let hidden_states = self.input_layernorm.forward(hidden_states)?;
-        let hidden_states = self.self_attn.forward(&hidden_states, position_embeddings, attention_mask)?;
+        let hidden_states =
+            self.self_attn
+                .forward(&hidden_states, position_embeddings, attention_mask)?;
         let hidden_states = (residual + hidden_states)?;
 
         let residual = &hidden_states;
@@ -356,7 +374,14 @@ impl LlamaModel {
         let causal_mask = mask::causal_mask(attention_mask, batch, seq_len, None, dtype, device)?;
         let window = self.sliding_window.iter().flatten().next().copied();
         let sliding_mask = match window {
-            Some(w) => Some(mask::causal_mask(attention_mask, batch, seq_len, Some(w), dtype, device)?),
+            Some(w) => Some(mask::causal_mask(
+                attention_mask,
+                batch,
+                seq_len,
+                Some(w),
+                dtype,
+                device,
+            )?),
             None => None,
         };
         let position_embeddings = self.rotary_emb.cos_sin(seq_len, dtype, device)?;
@@ -366,7 +391,8 @@ impl LlamaModel {
                 (Some(_), Some(m)) => m,
                 _ => &causal_mask,
             };
-            hidden_states = decoder_layer.forward(&hidden_states, Some(layer_mask), &position_embeddings)?;
+            hidden_states =
+                decoder_layer.forward(&hidden_states, Some(layer_mask), &position_embeddings)?;
         }
         self.norm.forward(&hidden_states)
     }
@@ -408,7 +434,11 @@ pub fn load(config: &Config, vb: Builder) -> crate::Result<Box<dyn CausalLM>> {
         layers.push(LlamaDecoderLayer {
             self_attn,
             mlp,
-            input_layernorm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb_l.pp("input_layernorm"))?,
+            input_layernorm: RmsNorm::new(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb_l.pp("input_layernorm"),
+            )?,
             post_attention_layernorm: RmsNorm::new(
                 cfg.hidden_size,
                 cfg.rms_norm_eps,

@@ -25,7 +25,11 @@ pub struct RopeParams {
 impl RopeParams {
     /// Reads RoPE parameters from a config in either layout. `default_theta` is the model config
     /// class's default (10000 for most).
-    pub fn from_config(cfg: &Config, default_theta: f64, default_max_pos: usize) -> crate::Result<Self> {
+    pub fn from_config(
+        cfg: &Config,
+        default_theta: f64,
+        default_max_pos: usize,
+    ) -> crate::Result<Self> {
         // transformers' `convert_rope_params_to_dict`: `rope_scaling or rope_parameters`, so a
         // non-empty legacy `rope_scaling` wins when a config has both.
         let mut params = match (cfg.raw.get("rope_scaling"), cfg.raw.get("rope_parameters")) {
@@ -134,7 +138,12 @@ impl RotaryEmbedding {
     }
 
     /// cos and sin for positions 0..seq_len, shape [1, seq_len, dim], in `dtype`.
-    pub fn cos_sin(&self, seq_len: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    pub fn cos_sin(
+        &self,
+        seq_len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         // Dynamic NTK and LongRoPE pick their frequencies from the sequence length.
         let (inv_freq, scaling) = match self.params.rope_type.as_str() {
             "dynamic" if seq_len > self.params.max_position_embeddings => {
@@ -169,7 +178,10 @@ fn compute(p: &RopeParams, dim: usize, seq_len: Option<usize>) -> Result<(Vec<f3
         "linear" => {
             let factor = p.need("factor")? as f32;
             (
-                base_freqs(base, dim).iter().map(|x| (1.0 / x) / factor).collect(),
+                base_freqs(base, dim)
+                    .iter()
+                    .map(|x| (1.0 / x) / factor)
+                    .collect(),
                 1.0,
             )
         }
@@ -252,7 +264,8 @@ fn compute(p: &RopeParams, dim: usize, seq_len: Option<usize>) -> Result<(Vec<f3
                 .map(|(i, pf)| {
                     let extrap = 1.0 / pf;
                     let interp = 1.0 / (factor as f32 * pf);
-                    let ramp = ((i as f32 - low as f32) / (high as f32 - low as f32)).clamp(0.0, 1.0);
+                    let ramp =
+                        ((i as f32 - low as f32) / (high as f32 - low as f32)).clamp(0.0, 1.0);
                     let ef = 1.0 - ramp;
                     interp * (1.0 - ef) + extrap * ef
                 })
@@ -277,7 +290,12 @@ fn compute(p: &RopeParams, dim: usize, seq_len: Option<usize>) -> Result<(Vec<f3
                 .params
                 .get(key)
                 .and_then(|v| v.as_array())
-                .map(|a| a.iter().filter_map(|x| x.as_f64()).map(|x| x as f32).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_f64())
+                        .map(|x| x as f32)
+                        .collect()
+                })
                 .unwrap_or_default();
             if ext.len() != dim / 2 {
                 candle_core::bail!(
@@ -308,7 +326,12 @@ pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
 
 /// Applies rotary embeddings to q and k ([B, H, T, D]); cos/sin are [1, T, D].
 #[hooked]
-pub fn apply_rotary_pos_emb(q: &Tensor, k: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor)> {
+pub fn apply_rotary_pos_emb(
+    q: &Tensor,
+    k: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<(Tensor, Tensor)> {
     let cos = cos.unsqueeze(1)?;
     let sin = sin.unsqueeze(1)?;
     let q_embed = (q.broadcast_mul(&cos)? + rotate_half(q)?.broadcast_mul(&sin)?)?;
