@@ -397,3 +397,27 @@ fn bfloat16_weights() {
         "bf16 compute: max logit diff {d} > {tol}"
     );
 }
+
+// GPT-2 weights saved from `GPT2Model` (no `transformer.` prefix, as in openai-community/gpt2) load into
+// the same module tree and reproduce the golden.
+#[test]
+fn gpt2_unprefixed_checkpoint() {
+    let src = common::fixture("gpt2");
+    let tmp = TempDir::new("gpt2-noprefix");
+    copy_files(
+        &src,
+        &tmp.0,
+        &["config.json", "tokenizer.json", "tokenizer_config.json"],
+    );
+    let w = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let w: HashMap<String, Tensor> = w
+        .into_iter()
+        .filter_map(|(k, v)| k.strip_prefix("transformer.").map(|k| (k.to_string(), v)))
+        .collect();
+    assert!(w.contains_key("wte.weight"));
+    candle_core::safetensors::save(&w, tmp.0.join("model.safetensors")).unwrap();
+    let model = Model::load(tmp.0.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    assert!(model.modules().find("transformer.h.0.attn").is_some());
+    let g = common::golden("gpt2");
+    common::check_input(&model, &g, "single");
+}

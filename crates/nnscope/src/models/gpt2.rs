@@ -339,9 +339,10 @@ impl CausalLM for GPT2LMHeadModel {
 pub fn load(config: &Config, vb: Builder) -> crate::Result<Box<dyn CausalLM>> {
     let cfg = GPT2Config::read(config)?;
     let root = vb.clone();
-    // Checkpoints saved from `GPT2Model` have no `transformer.` prefix.
-    let vb_t = if vb.contains("transformer.wte.weight") {
-        vb.pp("transformer")
+    // Checkpoints saved from `GPT2Model` (openai-community/gpt2 among them) have no `transformer.`
+    // prefix on their weights; the module is still `transformer`, as transformers loads it.
+    let vb_t = if !vb.contains("transformer.wte.weight") && vb.contains("wte.weight") {
+        vb.pp_module_only("transformer")
     } else {
         vb.pp("transformer")
     };

@@ -81,6 +81,19 @@ impl<'a> Builder<'a> {
         }
     }
 
+    /// Descends to a child attribute whose weights are stored without its name as a prefix: the
+    /// module path gains `s`, the weight names do not (GPT-2 checkpoints saved from `GPT2Model`
+    /// have `h.0.attn...` where `GPT2LMHeadModel` has `transformer.h.0.attn...`).
+    pub fn pp_module_only<S: ToString>(&self, s: S) -> Self {
+        let mut path = self.path.clone();
+        path.push(s.to_string());
+        Builder {
+            vb: self.vb.clone(),
+            path,
+            table: self.table.clone(),
+        }
+    }
+
     /// The current Hugging Face path.
     pub fn path(&self) -> String {
         self.path.join(".")

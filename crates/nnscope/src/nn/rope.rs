@@ -206,7 +206,8 @@ fn compute(p: &RopeParams, dim: usize, seq_len: Option<usize>) -> Result<(Vec<f3
                     let f = 1.0 / x;
                     let wl = 2.0 * std::f32::consts::PI / f;
                     let scaled = if wl > low_wl { f / factor } else { f };
-                    let medium = !(wl < high_wl) && !(wl > low_wl);
+                    // transformers: `~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)` (no NaN here).
+                    let medium = wl >= high_wl && wl <= low_wl;
                     if medium {
                         let s = (old / wl - low) / (high - low);
                         (1.0 - s) * scaled / factor + s * scaled
