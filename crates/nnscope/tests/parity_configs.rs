@@ -57,6 +57,32 @@ fn llama_transformers4_config_layout() {
     common::parity("llama_v4layout");
 }
 
+// LongRoPE: long factors for the 39-token prompt (> original_max_position_embeddings 20), short ones
+// for the 16-token batch; factor and attention factor derived.
+#[test]
+fn llama_rope_longrope() {
+    common::parity("llama_longrope");
+}
+
+// YaRN with mscale / mscale_all_dim, beta_fast / beta_slow, truncate = false.
+#[test]
+fn llama_rope_yarn_mscale_untruncated() {
+    common::parity("llama_yarn_mscale");
+}
+
+// Default RoPE with partial_rotary_factor 0.5: Llama rotates the whole head anyway.
+#[test]
+fn llama_default_rope_ignores_partial_factor() {
+    common::parity("llama_partial");
+}
+
+// Qwen3 with head_dim, layer_types, max_window_layers, use_sliding_window absent from config.json
+// (head_dim 128; sliding_window set but unused), tied embeddings.
+#[test]
+fn qwen3_config_defaults() {
+    common::parity("qwen3_defaults");
+}
+
 // GPT-2 with scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn, n_inner, exact gelu. The
 // uniform edit goes through `attention_probabilities.L`, which for this config is
 // `_upcast_and_reordered_attn`'s dropout (the golden wrote the same hookpoint in nnsight).
@@ -318,6 +344,12 @@ fn bf16_copy(tmp: &TempDir) -> PathBuf {
 #[test]
 fn llama_bf16_weights_f32_compute() {
     common::parity("llama_bf16");
+}
+
+// The llama fixture stored in float16, float32 compute, against transformers on the same weights.
+#[test]
+fn llama_f16_weights_f32_compute() {
+    common::parity("llama_f16");
 }
 
 // Weights converted to bfloat16 in a temp dir and loaded with float32 compute. They round exactly as
