@@ -189,6 +189,7 @@ impl Model {
         let builder = Builder::new(vb);
         let net = (arch.load)(&config, builder.clone())?;
         let modules = builder.table();
+        let net_probs = net.attention_probabilities();
         let names = StandardNames::derive(&modules, &opts.rename)?;
         let vocab_size = config.usize(&["vocab_size", "n_vocab"])?;
         Ok(Model {
@@ -203,7 +204,13 @@ impl Model {
             names,
             structure: OnceLock::new(),
             vocab_size,
-            attn_probs: Some((arch.attention_probabilities.to_string(), arch.prob_shape)),
+            // The registry's path, unless this configuration routes attention elsewhere.
+            attn_probs: Some((
+                net_probs
+                    .unwrap_or(arch.attention_probabilities)
+                    .to_string(),
+                arch.prob_shape,
+            )),
         })
     }
 

@@ -26,6 +26,13 @@ pub trait CausalLM: Send + Sync {
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
     ) -> candle_core::Result<Tensor>;
+
+    /// The attention-probability path from `attentions.L` when this model's config moves it away from
+    /// the registry's (GPT-2 with `reorder_and_upcast_attn` computes them in
+    /// `_upcast_and_reordered_attn`); `None` keeps [`Architecture::attention_probabilities`].
+    fn attention_probabilities(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// Builds a model from its config and weights.
