@@ -93,6 +93,36 @@ impl std::fmt::Debug for Model {
     }
 }
 
+/// Sizes that every architecture divides by or allocates from: zero would divide by zero or build
+/// an empty model that computes nothing, so it is refused up front with the key's name.
+const POSITIVE_KEYS: &[&str] = &[
+    "vocab_size",
+    "n_vocab",
+    "hidden_size",
+    "n_embd",
+    "d_model",
+    "num_attention_heads",
+    "n_head",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "n_inner",
+    "num_hidden_layers",
+    "n_layer",
+];
+
+fn check_sizes(config: &Config) -> Result<()> {
+    for key in POSITIVE_KEYS {
+        if config.opt_usize(key)? == Some(0) {
+            return Err(Error::Config {
+                path: config.path.clone(),
+                msg: format!("key `{key}` is 0; it must be at least 1"),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn read(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| Error::Io {
         path: path.to_path_buf(),
@@ -114,7 +144,7 @@ impl Model {
         }
         let config = Config::parse(cfg_path.clone(), &read(&cfg_path)?)?;
         let files = hub::weight_files(&dir)?;
-        crate::hub::check_safetensors(&files)?;
+        let index = hub::read_headers(&files)?;
         let pb = if opts.progress {
             let pb = indicatif::ProgressBar::new_spinner();
             pb.set_message(format!("loading {}", dir.display()));
@@ -131,12 +161,13 @@ impl Model {
                 path: files[0].clone(),
                 msg: e.to_string(),
             })?;
-        let model = Self::from_parts(config, vb, dir.clone(), opts);
+        let model = Self::from_builder(config, Builder::with_index(vb, index), dir.clone(), opts);
         if let Some(pb) = pb {
             pb.finish_and_clear();
         }
         let mut model = model.map_err(|e| match e {
             Error::Tensor(t) => Error::Weights {
+                // The message names the tensor and the file it is in (see `Builder::get`).
                 path: if files.len() == 1 { files[0].clone() } else { dir.join("model.safetensors.index.json") },
                 msg: t.to_string(),
             },
@@ -155,6 +186,10 @@ impl Model {
 
     /// Builds a model from a config and a candle `VarBuilder` (any weight source).
     pub fn from_parts(config: Config, vb: candle_nn::VarBuilder, source: PathBuf, opts: &LoadOptions) -> Result<Self> {
+        Self::from_builder(config, Builder::new(vb), source, opts)
+    }
+
+    fn from_builder(config: Config, builder: Builder, source: PathBuf, opts: &LoadOptions) -> Result<Self> {
         let model_type = config.model_type()?.to_string();
         let arch = architecture(&model_type).ok_or_else(|| Error::Config {
             path: config.path.clone(),
@@ -163,7 +198,7 @@ impl Model {
                 ARCHITECTURES.iter().map(|a| a.model_type).collect::<Vec<_>>().join(", ")
             ),
         })?;
-        let builder = Builder::new(vb);
+        check_sizes(&config)?;
         let net = (arch.load)(&config, builder.clone())?;
         let modules = builder.table();
         let names = StandardNames::derive(&modules, &opts.rename)?;
@@ -244,6 +279,15 @@ impl Model {
                     "attention_mask has shape {:?} but input_ids has shape {:?}",
                     m.dims(),
                     ids.dims()
+                )));
+            }
+            // Anything but 0/1 would be truncated to an integer mask and silently mean something else.
+            let mv = m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+            if let Some((i, bad)) = mv.iter().enumerate().find(|(_, x)| **x != 0.0 && **x != 1.0) {
+                return Err(Error::Input(format!(
+                    "attention_mask must hold only 0 and 1, found {bad} at position {} of sequence {}",
+                    i % t,
+                    i / t
                 )));
             }
         }
