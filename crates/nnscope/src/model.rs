@@ -111,13 +111,37 @@ const POSITIVE_KEYS: &[&str] = &[
     "n_layer",
 ];
 
+/// Larger than any of these sizes in a real model; a config beyond it would make the loader try
+/// to allocate tables (RoPE frequencies) of that size before any weight could contradict it.
+const MAX_SIZE: usize = 1 << 24;
+
 fn check_sizes(config: &Config) -> Result<()> {
+    let bad = |msg: String| Error::Config {
+        path: config.path.clone(),
+        msg,
+    };
     for key in POSITIVE_KEYS {
-        if config.opt_usize(key)? == Some(0) {
-            return Err(Error::Config {
-                path: config.path.clone(),
-                msg: format!("key `{key}` is 0; it must be at least 1"),
-            });
+        match config.opt_usize(key)? {
+            Some(0) => return Err(bad(format!("key `{key}` is 0; it must be at least 1"))),
+            Some(n) if n > MAX_SIZE => {
+                return Err(bad(format!("key `{key}` is {n}, larger than any real model (at most {MAX_SIZE})")))
+            }
+            _ => {}
+        }
+    }
+    // The rotated fraction of each head: outside (0, 1] it would rotate a negative, empty or
+    // larger-than-the-head number of dimensions.
+    let mut prf = vec![("partial_rotary_factor".to_string(), config.opt_f64("partial_rotary_factor")?)];
+    for sub in ["rope_parameters", "rope_scaling"] {
+        if let Ok(c) = config.sub(sub) {
+            prf.push((format!("{sub}.partial_rotary_factor"), c.opt_f64("partial_rotary_factor").ok().flatten()));
+        }
+    }
+    for (key, v) in prf {
+        if let Some(v) = v {
+            if !(v > 0.0 && v <= 1.0) {
+                return Err(bad(format!("key `{key}` is {v:?}; it must be in (0, 1]")));
+            }
         }
     }
     Ok(())

@@ -209,6 +209,32 @@ fn config_zero_size() {
 }
 
 #[test]
+fn config_absurd_sizes() {
+    // Found by fuzzing (fuzz/regressions/config_edits): a huge rotary fraction made the loader
+    // allocate a RoPE table of 1e300 entries before any weight was read.
+    let cases: [(&str, serde_json::Value, &str); 3] = [
+        ("partial_rotary_factor", 1e300.into(), "key `partial_rotary_factor` is 1e300; it must be in (0, 1]"),
+        ("partial_rotary_factor", 0.0.into(), "key `partial_rotary_factor` is 0.0; it must be in (0, 1]"),
+        ("head_dim", (1u64 << 40).into(), "key `head_dim` is 1099511627776, larger than any real model"),
+    ];
+    for (key, value, expected) in cases {
+        let dir = copy_fixture("llama");
+        edit_config(dir.path(), |c| {
+            c.insert(key.into(), value);
+        });
+        let (e, msg) = load_err(dir.path());
+        assert!(matches!(e, Error::Config { .. }), "{e:?}");
+        assert_has(&msg, &[expected]);
+    }
+    let dir = copy_fixture("llama");
+    edit_config(dir.path(), |c| {
+        c["rope_parameters"]["partial_rotary_factor"] = (-0.5).into();
+    });
+    let (_, msg) = load_err(dir.path());
+    assert_has(&msg, &["key `rope_parameters.partial_rotary_factor` is -0.5; it must be in (0, 1]"]);
+}
+
+#[test]
 fn config_unknown_model_type() {
     let dir = copy_fixture("llama");
     edit_config(dir.path(), |c| {
