@@ -36,8 +36,11 @@ fn fixture_weights(arch: &str) -> &'static HashMap<String, Tensor> {
     static GPT2: OnceLock<HashMap<String, Tensor>> = OnceLock::new();
     let cell = if arch == "gpt2" { &GPT2 } else { &LLAMA };
     cell.get_or_init(|| {
-        candle_core::safetensors::load(fixtures().join(arch).join("model.safetensors"), &Device::Cpu)
-            .expect("fixture weights load")
+        candle_core::safetensors::load(
+            fixtures().join(arch).join("model.safetensors"),
+            &Device::Cpu,
+        )
+        .expect("fixture weights load")
     })
 }
 
@@ -55,8 +58,14 @@ fn scratch() -> &'static Path {
         let mut names: Vec<&String> = w.keys().collect();
         names.sort();
         let (a, b) = names.split_at(names.len() / 2);
-        for (part, file) in [(a, "model-00001-of-00002.safetensors"), (b, "model-00002-of-00002.safetensors")] {
-            let m: HashMap<String, Tensor> = part.iter().map(|k| (k.to_string(), w[*k].clone())).collect();
+        for (part, file) in [
+            (a, "model-00001-of-00002.safetensors"),
+            (b, "model-00002-of-00002.safetensors"),
+        ] {
+            let m: HashMap<String, Tensor> = part
+                .iter()
+                .map(|k| (k.to_string(), w[*k].clone()))
+                .collect();
             candle_core::safetensors::save(&m, d.join(file)).unwrap();
         }
         d
@@ -70,15 +79,32 @@ fn two_tokens() -> Input {
 /// config.json text: `Config::parse`, its typed accessors, then each architecture's config reader
 /// and model construction on the fixture's weights (a fake checkpoint in memory), and a forward.
 pub fn config(data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else { return };
-    let Ok(cfg) = nnscope::config::Config::parse(PathBuf::from("config.json"), text) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(cfg) = nnscope::config::Config::parse(PathBuf::from("config.json"), text) else {
+        return;
+    };
     let _ = cfg.layer_types(3, true);
     let _ = cfg.sub("rope_scaling");
     let _ = cfg.opt_usize_list("eos_token_id");
-    let Ok(model_type) = cfg.model_type() else { return };
-    let arch = if model_type == "gpt2" { "gpt2" } else { "llama" };
-    let vb = candle_nn::VarBuilder::from_tensors(fixture_weights(arch).clone(), DType::F32, &Device::Cpu);
-    let Ok(model) = Model::from_parts(cfg, vb, PathBuf::from("fuzz"), &LoadOptions::default()) else { return };
+    let Ok(model_type) = cfg.model_type() else {
+        return;
+    };
+    let arch = if model_type == "gpt2" {
+        "gpt2"
+    } else {
+        "llama"
+    };
+    let vb = candle_nn::VarBuilder::from_tensors(
+        fixture_weights(arch).clone(),
+        DType::F32,
+        &Device::Cpu,
+    );
+    let Ok(model) = Model::from_parts(cfg, vb, PathBuf::from("fuzz"), &LoadOptions::default())
+    else {
+        return;
+    };
     let _ = model.forward(&two_tokens());
 }
 
@@ -107,8 +133,16 @@ pub fn index(data: &[u8]) {
     std::fs::write(&file, data).unwrap();
     if let Ok(files) = nnscope::hub::weight_files(dir) {
         for f in &files {
-            assert!(f.starts_with(dir), "weight file {} outside the checkpoint folder", f.display());
-            assert!(f.extension().is_some_and(|e| e == "safetensors"), "non-safetensors weight file {}", f.display());
+            assert!(
+                f.starts_with(dir),
+                "weight file {} outside the checkpoint folder",
+                f.display()
+            );
+            assert!(
+                f.extension().is_some_and(|e| e == "safetensors"),
+                "non-safetensors weight file {}",
+                f.display()
+            );
         }
         let _ = nnscope::hub::check_safetensors(&files);
         let _ = Model::load(dir.to_str().unwrap(), &LoadOptions::default());
@@ -117,7 +151,9 @@ pub fn index(data: &[u8]) {
 
 /// A hookpoint path: resolution (and listing lookup) on the tiny llama, then a trace saving it.
 pub fn hookpoint(data: &[u8]) {
-    let Ok(path) = std::str::from_utf8(data) else { return };
+    let Ok(path) = std::str::from_utf8(data) else {
+        return;
+    };
     let model = fixture_model("llama");
     let _ = nnscope::trace::path::resolve_function(model, path);
     if model.resolve(path).is_ok() {
@@ -129,32 +165,71 @@ pub fn hookpoint(data: &[u8]) {
 
 /// Prompt text (lines are a batch): tokenization and left padding for both tokenizers.
 pub fn prompt(data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     let prompts: Vec<&str> = text.split('\n').collect();
     for arch in ["llama", "gpt2"] {
         let model = fixture_model(arch);
         if let Ok((ids, mask)) = model.tokenize(&prompts) {
-            assert_eq!(ids.dims(), mask.as_ref().map(|m| m.dims()).unwrap_or(ids.dims()));
+            assert_eq!(
+                ids.dims(),
+                mask.as_ref().map(|m| m.dims()).unwrap_or(ids.dims())
+            );
         }
     }
 }
 
 /// Keys the architectures' config readers look at (and a few they do not).
 const KEYS: &[&str] = &[
-    "model_type", "vocab_size", "hidden_size", "n_embd", "intermediate_size", "n_inner", "num_hidden_layers",
-    "n_layer", "num_attention_heads", "n_head", "num_key_value_heads", "head_dim", "hidden_act",
-    "activation_function", "rms_norm_eps", "layer_norm_epsilon", "attention_bias", "mlp_bias",
-    "tie_word_embeddings", "max_position_embeddings", "n_positions", "rope_theta", "rope_parameters",
-    "rope_scaling", "partial_rotary_factor", "sliding_window", "use_sliding_window", "max_window_layers",
-    "layer_types", "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
-    "attn_pdrop", "resid_pdrop", "embd_pdrop", "pad_token_id", "eos_token_id", "bos_token_id", "qk_norm",
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "n_embd",
+    "intermediate_size",
+    "n_inner",
+    "num_hidden_layers",
+    "n_layer",
+    "num_attention_heads",
+    "n_head",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "activation_function",
+    "rms_norm_eps",
+    "layer_norm_epsilon",
+    "attention_bias",
+    "mlp_bias",
+    "tie_word_embeddings",
+    "max_position_embeddings",
+    "n_positions",
+    "rope_theta",
+    "rope_parameters",
+    "rope_scaling",
+    "partial_rotary_factor",
+    "sliding_window",
+    "use_sliding_window",
+    "max_window_layers",
+    "layer_types",
+    "scale_attn_weights",
+    "scale_attn_by_inverse_layer_idx",
+    "reorder_and_upcast_attn",
+    "attn_pdrop",
+    "resid_pdrop",
+    "embd_pdrop",
+    "pad_token_id",
+    "eos_token_id",
+    "bos_token_id",
+    "qk_norm",
 ];
 
 fn value(i: u8) -> serde_json::Value {
     use serde_json::json;
-    let rope = |t: &str| json!({"rope_type": t, "rope_theta": 10000.0, "factor": 2.0,
+    let rope = |t: &str| {
+        json!({"rope_type": t, "rope_theta": 10000.0, "factor": 2.0,
         "original_max_position_embeddings": 64, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "beta_fast": 32.0, "beta_slow": 1.0, "short_factor": vec![1.0; 8], "long_factor": vec![2.0; 8]});
+        "beta_fast": 32.0, "beta_slow": 1.0, "short_factor": vec![1.0; 8], "long_factor": vec![2.0; 8]})
+    };
     match i % 40 {
         0 => json!(0),
         1 => json!(1),
@@ -203,7 +278,9 @@ fn value(i: u8) -> serde_json::Value {
 /// sets one known key to one of a table of awkward values (zero, huge, negative, wrong type, every
 /// RoPE type, ...). The model is built on the fixture's weights and run on two tokens.
 pub fn config_edits(data: &[u8]) {
-    let Some((&first, rest)) = data.split_first() else { return };
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
     let arch = if first % 2 == 0 { "llama" } else { "gpt2" };
     let text = std::fs::read_to_string(fixtures().join(arch).join("config.json")).unwrap();
     let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();

@@ -7,7 +7,9 @@ use nnscope::{Input, LoadOptions, Model, TraceOutput};
 use std::path::PathBuf;
 
 fn load(arch: &str) -> Model {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(arch);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(arch);
     Model::load(p.to_str().unwrap(), &LoadOptions::default()).unwrap()
 }
 
@@ -34,7 +36,11 @@ fn bits(t: &Tensor) -> Vec<u32> {
 }
 
 fn collect(out: TraceOutput) -> Bits {
-    let mut v: Bits = out.saved.iter().flat_map(|(n, ts)| ts.iter().map(move |t| (n.clone(), bits(t)))).collect();
+    let mut v: Bits = out
+        .saved
+        .iter()
+        .flat_map(|(n, ts)| ts.iter().map(move |t| (n.clone(), bits(t))))
+        .collect();
     if let Some(l) = &out.logits {
         v.push(("logits".into(), bits(l)));
     }
@@ -52,7 +58,10 @@ fn job(i: usize, llama: &Model, gpt2: &Model) -> Bits {
             .unwrap()
             .run(),
         1 => llama
-            .trace(Input::prompts(&["Hello", "A longer prompt, left-padded against the first"]))
+            .trace(Input::prompts(&[
+                "Hello",
+                "A longer prompt, left-padded against the first",
+            ]))
             .edit("mlps_output.1", |x| x.affine(0.5, 0.0))
             .unwrap()
             .save("logits")
@@ -80,16 +89,24 @@ fn job(i: usize, llama: &Model, gpt2: &Model) -> Bits {
             .unwrap()
             .run(),
         5 => llama
-            .trace(Input::ids(Tensor::new(&[[5u32, 6, 7, 8], [9, 10, 11, 12]], &Device::Cpu).unwrap()))
+            .trace(Input::ids(
+                Tensor::new(&[[5u32, 6, 7, 8], [9, 10, 11, 12]], &Device::Cpu).unwrap(),
+            ))
             .save("layers_output.0")
             .unwrap()
             .stop_after("layers_output.0")
             .unwrap()
             .run(),
-        6 => gpt2.trace(Input::prompts(&["plain forward"])).save("token_embeddings").unwrap().run(),
+        6 => gpt2
+            .trace(Input::prompts(&["plain forward"]))
+            .save("token_embeddings")
+            .unwrap()
+            .run(),
         7 => llama
             .trace(Input::prompts(&["zero the attention output"]))
-            .edit("attentions.1.source.attention_interface_0.output.0", |x| x.zeros_like())
+            .edit("attentions.1.source.attention_interface_0.output.0", |x| {
+                x.zeros_like()
+            })
             .unwrap()
             .save("attentions.1.source.attention_interface_0.output.1")
             .unwrap()
@@ -120,7 +137,10 @@ fn eight_threads_match_sequential() {
         });
         for (i, runs) in parallel.iter().enumerate() {
             for r in runs {
-                assert!(r == &sequential[i], "job {i} differs between a threaded and a sequential run");
+                assert!(
+                    r == &sequential[i],
+                    "job {i} differs between a threaded and a sequential run"
+                );
             }
         }
     }
@@ -149,8 +169,12 @@ fn hooks_never_leak_between_threads() {
             b.wait();
             (0..20)
                 .map(|_| {
-                    let out =
-                        m.trace(Input::prompts(&prompt)).edit("layers_output.0", |x| x.zeros_like()).unwrap().run().unwrap();
+                    let out = m
+                        .trace(Input::prompts(&prompt))
+                        .edit("layers_output.0", |x| x.zeros_like())
+                        .unwrap()
+                        .run()
+                        .unwrap();
                     bits(out.logits.as_ref().unwrap())
                 })
                 .collect::<Vec<_>>()
@@ -166,7 +190,12 @@ fn hooks_never_leak_between_threads() {
                     if i % 2 == 0 {
                         bits(&m.forward(&Input::prompts(&prompt)).unwrap())
                     } else {
-                        let out = m.trace(Input::prompts(&prompt)).save("layers_output.0").unwrap().run().unwrap();
+                        let out = m
+                            .trace(Input::prompts(&prompt))
+                            .save("layers_output.0")
+                            .unwrap()
+                            .run()
+                            .unwrap();
                         bits(out.logits.as_ref().unwrap())
                     }
                 })
@@ -188,7 +217,14 @@ fn same_input_is_bit_identical_run_after_run() {
     for model in [&llama, &gpt2] {
         let input = Input::prompts(&["Run after run", "the same numbers, bit for bit"]);
         let first = collect(
-            model.trace(input.clone()).save("attention_probabilities.0").unwrap().save("layers_output.1").unwrap().run().unwrap(),
+            model
+                .trace(input.clone())
+                .save("attention_probabilities.0")
+                .unwrap()
+                .save("layers_output.1")
+                .unwrap()
+                .run()
+                .unwrap(),
         );
         for _ in 0..5 {
             let again = collect(
@@ -201,7 +237,11 @@ fn same_input_is_bit_identical_run_after_run() {
                     .run()
                     .unwrap(),
             );
-            assert!(again == first, "{} output changed between runs", model.arch.model_type);
+            assert!(
+                again == first,
+                "{} output changed between runs",
+                model.arch.model_type
+            );
         }
     }
 }

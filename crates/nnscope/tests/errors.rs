@@ -213,9 +213,21 @@ fn config_absurd_sizes() {
     // Found by fuzzing (fuzz/regressions/config_edits): a huge rotary fraction made the loader
     // allocate a RoPE table of 1e300 entries before any weight was read.
     let cases: [(&str, serde_json::Value, &str); 3] = [
-        ("partial_rotary_factor", 1e300.into(), "key `partial_rotary_factor` is 1e300; it must be in (0, 1]"),
-        ("partial_rotary_factor", 0.0.into(), "key `partial_rotary_factor` is 0.0; it must be in (0, 1]"),
-        ("head_dim", (1u64 << 40).into(), "key `head_dim` is 1099511627776, larger than any real model"),
+        (
+            "partial_rotary_factor",
+            1e300.into(),
+            "key `partial_rotary_factor` is 1e300; it must be in (0, 1]",
+        ),
+        (
+            "partial_rotary_factor",
+            0.0.into(),
+            "key `partial_rotary_factor` is 0.0; it must be in (0, 1]",
+        ),
+        (
+            "head_dim",
+            (1u64 << 40).into(),
+            "key `head_dim` is 1099511627776, larger than any real model",
+        ),
     ];
     for (key, value, expected) in cases {
         let dir = copy_fixture("llama");
@@ -231,7 +243,10 @@ fn config_absurd_sizes() {
         c["rope_parameters"]["partial_rotary_factor"] = (-0.5).into();
     });
     let (_, msg) = load_err(dir.path());
-    assert_has(&msg, &["key `rope_parameters.partial_rotary_factor` is -0.5; it must be in (0, 1]"]);
+    assert_has(
+        &msg,
+        &["key `rope_parameters.partial_rotary_factor` is -0.5; it must be in (0, 1]"],
+    );
 }
 
 #[test]

@@ -11,8 +11,13 @@ fn replay(target: &str, f: fn(&[u8])) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
     let mut n = 0;
     for dir in ["seeds", "regressions"] {
-        let Ok(rd) = std::fs::read_dir(root.join(dir).join(target)) else { continue };
-        let mut files: Vec<PathBuf> = rd.map(|e| e.unwrap().path()).filter(|p| p.is_file()).collect();
+        let Ok(rd) = std::fs::read_dir(root.join(dir).join(target)) else {
+            continue;
+        };
+        let mut files: Vec<PathBuf> = rd
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_file())
+            .collect();
         files.sort();
         for p in files {
             let data = std::fs::read(&p).unwrap();
@@ -34,7 +39,9 @@ fn safetensors() {
     replay("safetensors", harness::safetensors);
     // The fixtures' own weights are the safetensors seeds.
     for arch in ["llama", "gpt2"] {
-        harness::safetensors(&std::fs::read(harness::fixtures().join(arch).join("model.safetensors")).unwrap());
+        harness::safetensors(
+            &std::fs::read(harness::fixtures().join(arch).join("model.safetensors")).unwrap(),
+        );
     }
 }
 

@@ -179,7 +179,7 @@ impl<'m> Trace<'m> {
         if needed <= available {
             return Ok(());
         }
-        items.sort_by(|a, b| b.0.cmp(&a.0));
+        items.sort_by_key(|item| std::cmp::Reverse(item.0));
         let mut detail: Vec<String> = items.iter().take(3).map(|(_, s)| s.clone()).collect();
         if items.len() > 3 {
             detail.push(format!("and {} more", items.len() - 3));
