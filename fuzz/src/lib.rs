@@ -109,6 +109,8 @@ pub fn config(data: &[u8]) {
 }
 
 /// A model.safetensors file's bytes: header checks, then a full load beside the llama config.
+/// Input starting with `{` is taken as the JSON header alone and put in front of the llama
+/// fixture's data section, so that mutations hit dtypes, shapes and offsets over real data.
 pub fn safetensors(data: &[u8]) {
     let dir = scratch().join("single");
     std::fs::create_dir_all(&dir).unwrap();
@@ -118,11 +120,32 @@ pub fn safetensors(data: &[u8]) {
         }
     }
     let file = dir.join("model.safetensors");
-    std::fs::write(&file, data).unwrap();
+    if data.first() == Some(&b'{') {
+        let real = llama_safetensors();
+        let n = u64::from_le_bytes(real[..8].try_into().unwrap()) as usize;
+        let mut bytes = (data.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(data);
+        bytes.extend_from_slice(&real[8 + n..]);
+        std::fs::write(&file, bytes).unwrap();
+    } else {
+        std::fs::write(&file, data).unwrap();
+    }
     let _ = nnscope::hub::check_safetensors(std::slice::from_ref(&file));
     if let Ok(model) = Model::load(dir.to_str().unwrap(), &LoadOptions::default()) {
         let _ = model.forward(&two_tokens());
     }
+}
+
+fn llama_safetensors() -> &'static [u8] {
+    static BYTES: OnceLock<Vec<u8>> = OnceLock::new();
+    BYTES.get_or_init(|| std::fs::read(fixtures().join("llama/model.safetensors")).unwrap())
+}
+
+/// The JSON header of the llama fixture's weights (a seed for the header mode of `safetensors`).
+pub fn llama_header() -> &'static [u8] {
+    let real = llama_safetensors();
+    let n = u64::from_le_bytes(real[..8].try_into().unwrap()) as usize;
+    &real[8..8 + n]
 }
 
 /// A model.safetensors.index.json's text: `weight_files`, then a full load of the sharded

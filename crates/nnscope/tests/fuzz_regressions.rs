@@ -3,6 +3,7 @@
 //! fixed without nightly or cargo-fuzz. A panic in a harness fails the test.
 
 #[path = "../../../fuzz/src/lib.rs"]
+#[allow(dead_code)]
 mod harness;
 
 use std::path::PathBuf;
