@@ -245,3 +245,48 @@ fn same_input_is_bit_identical_run_after_run() {
         }
     }
 }
+
+#[test]
+fn failed_or_stopped_traces_leave_no_hooks_behind() {
+    let model = load("llama");
+    let input = || Input::prompts(&["After a failure"]);
+    let plain = bits(&model.forward(&input()).unwrap());
+    // An edit that fails, a replacement of the wrong shape, a stopped trace, and an edit that panics.
+    assert!(model
+        .trace(input())
+        .edit("layers_output.0", |x| x.matmul(x))
+        .unwrap()
+        .run()
+        .is_err());
+    let wrong = Tensor::zeros((1, 1, 1), DType::F32, &Device::Cpu).unwrap();
+    assert!(model
+        .trace(input())
+        .set("mlps_output.1", wrong)
+        .unwrap()
+        .run()
+        .is_err());
+    let stopped = model
+        .trace(input())
+        .stop_after("layers_output.0")
+        .unwrap()
+        .run()
+        .unwrap();
+    assert!(stopped.logits.is_none());
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = model
+            .trace(input())
+            .edit("layers_output.1", |_| panic!("edit panics"))
+            .unwrap()
+            .run();
+    }));
+    assert!(panicked.is_err());
+    // The same thread then runs the plain forward exactly, traced or not.
+    assert!(bits(&model.forward(&input()).unwrap()) == plain);
+    let out = model
+        .trace(input())
+        .save("layers_output.1")
+        .unwrap()
+        .run()
+        .unwrap();
+    assert!(bits(out.logits.as_ref().unwrap()) == plain);
+}
