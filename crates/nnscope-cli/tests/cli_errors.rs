@@ -441,3 +441,16 @@ fn writing_a_module_or_non_tensor_is_explained() {
     ));
     assert_has(&msg, &["returns no tensor"]);
 }
+
+#[test]
+fn hub_id_with_no_cache_configured() {
+    let out = Command::new(env!("CARGO_BIN_EXE_nnscope"))
+        .args(["source", "someone/tiny-model", "attentions.0"])
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_HOME")
+        .env_remove("HOME")
+        .output()
+        .unwrap();
+    let msg = fails(&out);
+    assert_has(&msg, &["no Hugging Face cache folder is known", "never downloads"]);
+}

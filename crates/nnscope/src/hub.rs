@@ -64,7 +64,11 @@ pub fn resolve(model: &str) -> Result<PathBuf> {
     }
     Err(Error::ModelNotFound {
         model: model.into(),
-        msg: if looks_like_id {
+        msg: if looks_like_id && looked.is_empty() {
+            "no such folder, and no Hugging Face cache folder is known (HF_HUB_CACHE, HF_HOME and HOME are unset); \
+             nnscope never downloads"
+                .into()
+        } else if looks_like_id {
             format!(
                 "no such folder, and not in the local Hugging Face cache (looked in {}); nnscope never downloads",
                 looked.join(", ")
