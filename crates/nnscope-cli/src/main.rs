@@ -122,6 +122,29 @@ fn read_inputs(path: &Path) -> Result<Input, String> {
     })
 }
 
+/// `--out` must name a file (new or to replace) in an existing folder.
+fn check_out(out: &Path) -> Result<(), String> {
+    if out.is_dir() {
+        return Err(format!(
+            "--out {}: is a directory; give a file name such as {}",
+            out.display(),
+            out.join("out.safetensors").display()
+        ));
+    }
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(format!(
+            "--out {}: the output folder {} does not exist",
+            out.display(),
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
 /// Writes to a temporary file beside `out` and renames it, so a failure leaves nothing partial.
 fn write_atomic(tensors: &HashMap<String, Tensor>, out: &Path) -> Result<(), String> {
     let dir = out
@@ -163,6 +186,8 @@ fn run(
     dtype: &str,
 ) -> Result<(), String> {
     let dtype = parse_dtype(dtype)?;
+    // Check where the result goes before loading and running, which can take minutes.
+    check_out(&out)?;
     let input = match (inputs, prompts.is_empty()) {
         (Some(p), _) => read_inputs(&p)?,
         (None, false) => Input::Prompts(prompts),

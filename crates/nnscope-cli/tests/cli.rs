@@ -183,3 +183,82 @@ fn check_and_discovery_json() {
         assert_eq!(d["changes_output"], true);
     }
 }
+
+/// The seed's Quick Reference Table, written out from `attentions.L` (the contract; see
+/// shared/seed/find-attention-probability-hooks.md).
+const SEED_TABLE: &[(&str, &str)] = &[
+    ("qwen2_moe", "source.nn_functional_dropout_0"),
+    ("dbrx", "attn.source.nn_functional_dropout_0"),
+    ("stablelm", "source.self_attention_dropout_0"),
+    ("gpt_oss", "source.attention_interface_0.source.F_softmax_0"),
+    (
+        "llama",
+        "source.attention_interface_0.source.nn_functional_dropout_0",
+    ),
+    ("bloom", "source.self_attention_dropout_0"),
+    (
+        "gpt2",
+        "source.attention_interface_0.source.module_attn_dropout_0",
+    ),
+    ("gptj", "source.self__attn_0.source.self_attn_dropout_0"),
+];
+
+#[test]
+fn every_seed_table_path_runs_and_is_listed() {
+    let d = tmp("seed");
+    for (arch, path) in SEED_TABLE {
+        let name = format!("attentions.0.{path}.output");
+        let out = d.join(format!("{arch}.safetensors"));
+        let o = nnscope(&[
+            "run",
+            &fixture(arch),
+            "--prompt",
+            "hello world",
+            "--save",
+            &name,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(
+            o.status.success(),
+            "{arch}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let t = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
+        let p = &t[&name];
+        let (_, _, q, k) = p.dims4().unwrap();
+        assert!(
+            k == q || (*arch == "gpt_oss" && k == q + 1),
+            "{arch}: {:?}",
+            p.dims()
+        );
+        let sums = p
+            .sum(3)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(
+            sums.iter().all(|s| (s - 1.0).abs() < 1e-5),
+            "{arch}: rows sum to 1"
+        );
+        // The listing of the function holding the last label shows it.
+        let (holder, label) = path
+            .rsplit_once(".source.")
+            .map(|(h, l)| (format!("attentions.0.{h}"), l))
+            .unwrap_or(("attentions.0".into(), path.trim_start_matches("source.")));
+        let holder = if holder == "attentions.0.source" {
+            "attentions.0".to_string()
+        } else {
+            holder
+        };
+        let o = nnscope(&["source", &fixture(arch), &holder]);
+        let s = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            s.lines()
+                .any(|l| l.split_whitespace().next() == Some(label) && l.contains("->")),
+            "{arch}: `{label}` in the listing of {holder}:\n{s}"
+        );
+    }
+}

@@ -84,6 +84,23 @@ pub enum Error {
         /// The hookpoint.
         path: String,
     },
+    /// The requested saves would not fit in memory (estimated before running).
+    #[error(
+        "the requested saves need about {} ({detail}), more than the {} of memory {source_of_limit}; \
+         save fewer hookpoints, or use fewer or shorter prompts",
+        human_bytes(*.needed),
+        human_bytes(*.available)
+    )]
+    TooLarge {
+        /// Estimated bytes of all saved values.
+        needed: u64,
+        /// Bytes available (or the limit set with `Trace::memory_limit`).
+        available: u64,
+        /// Where `available` comes from.
+        source_of_limit: String,
+        /// The largest saves and their estimated shapes.
+        detail: String,
+    },
     /// An edit function failed.
     #[error("hookpoint `{path}`: the edit failed: {msg}")]
     Edit {
@@ -95,6 +112,21 @@ pub enum Error {
     /// A tensor operation failed.
     #[error("{0}")]
     Tensor(#[from] candle_core::Error),
+}
+
+/// `1.5 GiB`, `12.0 MiB`, `300 B`.
+pub(crate) fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
 }
 
 pub(crate) fn suggest(s: &[String]) -> String {

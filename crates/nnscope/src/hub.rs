@@ -69,7 +69,11 @@ pub fn resolve(model: &str) -> Result<PathBuf> {
     }
     Err(Error::ModelNotFound {
         model: model.into(),
-        msg: if looks_like_id {
+        msg: if looks_like_id && looked.is_empty() {
+            "no such folder, and no Hugging Face cache folder is known (HF_HUB_CACHE, HF_HOME and HOME are unset); \
+             nnscope never downloads"
+                .into()
+        } else if looks_like_id {
             format!(
                 "no such folder, and not in the local Hugging Face cache (looked in {}); nnscope never downloads",
                 looked.join(", ")
@@ -110,9 +114,36 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
                 path: index.clone(),
                 msg: format!("weight_map entry for `{tensor}` is not a file name"),
             })?;
+            // Shards are files inside the checkpoint folder, and safetensors only: an index must
+            // not make us read outside the folder or load a pickle.
+            let rel = Path::new(f);
+            if rel.is_absolute()
+                || rel
+                    .components()
+                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
+            {
+                return Err(Error::Weights {
+                    path: index.clone(),
+                    msg: format!("weight_map entry for `{tensor}` names `{f}`, which is not a file inside the checkpoint folder"),
+                });
+            }
+            if !f.ends_with(".safetensors") {
+                return Err(Error::Weights {
+                    path: index.clone(),
+                    msg: format!(
+                        "weight_map entry for `{tensor}` names `{f}`, which is not a .safetensors file (pickle checkpoints are never loaded: they can run code)"
+                    ),
+                });
+            }
             if !files.iter().any(|x| x == f) {
                 files.push(f.to_string());
             }
+        }
+        if files.is_empty() {
+            return Err(Error::Weights {
+                path: index.clone(),
+                msg: "`weight_map` lists no tensors".into(),
+            });
         }
         let mut out = Vec::new();
         for f in files {
@@ -148,23 +179,66 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     })
 }
 
-/// Checks that every weight file is a readable safetensors file with a sound header, so that a
-/// truncated or corrupt file is reported by name before anything is built.
-pub fn check_safetensors(files: &[PathBuf]) -> Result<()> {
+/// Where one tensor of a checkpoint is stored, and what its header says about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// The safetensors file holding it.
+    pub file: PathBuf,
+    /// Its stored dtype, as safetensors names it (`F32`, `I64`, ...).
+    pub dtype: String,
+    /// Its stored shape.
+    pub shape: Vec<usize>,
+}
+
+impl TensorInfo {
+    /// Whether the stored dtype is a floating-point type that converts to the compute dtype
+    /// without losing meaning (integer or quantized data converted to float would silently
+    /// compute something else).
+    pub fn is_float(&self) -> bool {
+        matches!(self.dtype.as_str(), "F16" | "BF16" | "F32" | "F64")
+    }
+}
+
+/// Every tensor of a checkpoint by name, read from the safetensors headers only.
+pub type TensorIndex = std::collections::HashMap<String, TensorInfo>;
+
+/// Reads and validates the header of every weight file, so that a truncated or corrupt file is
+/// reported by name before anything is built, and returns where each tensor is.
+pub fn read_headers(files: &[PathBuf]) -> Result<TensorIndex> {
+    let mut index = TensorIndex::new();
     for f in files {
         let file = std::fs::File::open(f).map_err(|e| Error::Io {
             path: f.clone(),
             source: e,
         })?;
-        // SAFETY: read-only mapping of a file we just opened; see `Model::load`.
+        // SAFETY: a read-only mapping of a file we just opened, dropped at the end of this
+        // iteration. `SafeTensors::deserialize` bounds-checks the header and every tensor's
+        // offsets against the mapping's length. A file truncated by another process while mapped
+        // is outside what any mmap-based loader can guard against (see `Model::load`).
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::Io {
             path: f.clone(),
             source: e,
         })?;
-        safetensors::SafeTensors::deserialize(&mmap).map_err(|e| Error::Weights {
+        let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| Error::Weights {
             path: f.clone(),
             msg: format!("not a valid safetensors file ({e}); is it truncated or corrupt?"),
         })?;
+        for (name, view) in st.tensors() {
+            index.insert(
+                name,
+                TensorInfo {
+                    file: f.clone(),
+                    dtype: format!("{:?}", view.dtype()),
+                    shape: view.shape().to_vec(),
+                },
+            );
+        }
     }
-    Ok(())
+    Ok(index)
+}
+
+/// Checks that every weight file is a readable safetensors file with a sound header, so that a
+/// truncated or corrupt file is reported by name before anything is built.
+pub fn check_safetensors(files: &[PathBuf]) -> Result<()> {
+    read_headers(files).map(|_| ())
 }

@@ -97,6 +97,68 @@ impl std::fmt::Debug for Model {
     }
 }
 
+/// Sizes that every architecture divides by or allocates from: zero would divide by zero or build
+/// an empty model that computes nothing, so it is refused up front with the key's name.
+const POSITIVE_KEYS: &[&str] = &[
+    "vocab_size",
+    "n_vocab",
+    "hidden_size",
+    "n_embd",
+    "d_model",
+    "num_attention_heads",
+    "n_head",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "n_inner",
+    "num_hidden_layers",
+    "n_layer",
+];
+
+/// Larger than any of these sizes in a real model; a config beyond it would make the loader try
+/// to allocate tables (RoPE frequencies) of that size before any weight could contradict it.
+const MAX_SIZE: usize = 1 << 24;
+
+fn check_sizes(config: &Config) -> Result<()> {
+    let bad = |msg: String| Error::Config {
+        path: config.path.clone(),
+        msg,
+    };
+    for key in POSITIVE_KEYS {
+        match config.opt_usize(key)? {
+            Some(0) => return Err(bad(format!("key `{key}` is 0; it must be at least 1"))),
+            Some(n) if n > MAX_SIZE => {
+                return Err(bad(format!(
+                    "key `{key}` is {n}, larger than any real model (at most {MAX_SIZE})"
+                )))
+            }
+            _ => {}
+        }
+    }
+    // The rotated fraction of each head: outside (0, 1] it would rotate a negative, empty or
+    // larger-than-the-head number of dimensions.
+    let mut prf = vec![(
+        "partial_rotary_factor".to_string(),
+        config.opt_f64("partial_rotary_factor")?,
+    )];
+    for sub in ["rope_parameters", "rope_scaling"] {
+        if let Ok(c) = config.sub(sub) {
+            prf.push((
+                format!("{sub}.partial_rotary_factor"),
+                c.opt_f64("partial_rotary_factor").ok().flatten(),
+            ));
+        }
+    }
+    for (key, v) in prf {
+        if let Some(v) = v {
+            if !(v > 0.0 && v <= 1.0) {
+                return Err(bad(format!("key `{key}` is {v:?}; it must be in (0, 1]")));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn read(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| Error::Io {
         path: path.to_path_buf(),
@@ -118,7 +180,7 @@ impl Model {
         }
         let config = Config::parse(cfg_path.clone(), &read(&cfg_path)?)?;
         let files = hub::weight_files(&dir)?;
-        crate::hub::check_safetensors(&files)?;
+        let index = hub::read_headers(&files)?;
         let pb = if opts.progress {
             let pb = indicatif::ProgressBar::new_spinner();
             pb.set_message(format!("loading {}", dir.display()));
@@ -139,12 +201,13 @@ impl Model {
             path: files[0].clone(),
             msg: e.to_string(),
         })?;
-        let model = Self::from_parts(config, vb, dir.clone(), opts);
+        let model = Self::from_builder(config, Builder::with_index(vb, index), dir.clone(), opts);
         if let Some(pb) = pb {
             pb.finish_and_clear();
         }
         let mut model = model.map_err(|e| match e {
             Error::Tensor(t) => Error::Weights {
+                // The message names the tensor and the file it is in (see `Builder::get`).
                 path: if files.len() == 1 {
                     files[0].clone()
                 } else {
@@ -178,6 +241,15 @@ impl Model {
         source: PathBuf,
         opts: &LoadOptions,
     ) -> Result<Self> {
+        Self::from_builder(config, Builder::new(vb), source, opts)
+    }
+
+    fn from_builder(
+        config: Config,
+        builder: Builder,
+        source: PathBuf,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
         let model_type = config.model_type()?.to_string();
         let arch = architecture(&model_type).ok_or_else(|| Error::Config {
             path: config.path.clone(),
@@ -190,9 +262,10 @@ impl Model {
                     .join(", ")
             ),
         })?;
-        let builder = Builder::new(vb);
+        check_sizes(&config)?;
         let net = (arch.load)(&config, builder.clone())?;
         let modules = builder.table();
+        let net_probs = net.attention_probabilities();
         let names = StandardNames::derive(&modules, &opts.rename)?;
         let vocab_size = config.usize(&["vocab_size", "n_vocab"])?;
         Ok(Model {
@@ -207,7 +280,13 @@ impl Model {
             names,
             structure: OnceLock::new(),
             vocab_size,
-            attn_probs: Some((arch.attention_probabilities.to_string(), arch.prob_shape)),
+            // The registry's path, unless this configuration routes attention elsewhere.
+            attn_probs: Some((
+                net_probs
+                    .unwrap_or(arch.attention_probabilities)
+                    .to_string(),
+                arch.prob_shape,
+            )),
         })
     }
 
@@ -283,6 +362,19 @@ impl Model {
                     ids.dims()
                 )));
             }
+            // Anything but 0/1 would be truncated to an integer mask and silently mean something else.
+            let mv = m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+            if let Some((i, bad)) = mv
+                .iter()
+                .enumerate()
+                .find(|(_, x)| **x != 0.0 && **x != 1.0)
+            {
+                return Err(Error::Input(format!(
+                    "attention_mask must hold only 0 and 1, found {bad} at position {} of sequence {}",
+                    i % t,
+                    i / t
+                )));
+            }
         }
         let v = ids.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
         if let Some((i, bad)) = v
@@ -311,7 +403,7 @@ impl Model {
     /// The longest sequence the model can take, where it has a hard limit (learned positions).
     pub fn max_positions(&self) -> Option<usize> {
         match self.arch.model_type {
-            "gpt2" => self.config.opt_usize("n_positions").ok().flatten(),
+            "gpt2" | "gptj" => self.config.opt_usize("n_positions").ok().flatten(),
             _ => None,
         }
     }

@@ -313,9 +313,25 @@ impl GPT2LMHeadModel {
     }
 }
 
+/// Where the probabilities are with `reorder_and_upcast_attn`: transformers calls
+/// `self._upcast_and_reordered_attn(..)` instead of `attention_interface(..)`, and its dropout is
+/// `self.attn_dropout(attn_weights)`.
+pub const UPCAST_ATTENTION_PROBABILITIES: &str =
+    "source.self__upcast_and_reordered_attn_0.source.self_attn_dropout_0";
+
 impl CausalLM for GPT2LMHeadModel {
     fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         GPT2LMHeadModel::forward(self, input_ids, attention_mask)
+    }
+
+    fn attention_probabilities(&self) -> Option<&'static str> {
+        // Every layer shares the config, so the first one says it for all.
+        let reordered = self
+            .transformer
+            .h
+            .first()
+            .is_some_and(|b| b.attn.reorder_and_upcast_attn);
+        reordered.then_some(UPCAST_ATTENTION_PROBABILITIES)
     }
 }
 
@@ -323,7 +339,13 @@ impl CausalLM for GPT2LMHeadModel {
 pub fn load(config: &Config, vb: Builder) -> crate::Result<Box<dyn CausalLM>> {
     let cfg = GPT2Config::read(config)?;
     let root = vb.clone();
-    let vb_t = vb.pp("transformer");
+    // Checkpoints saved from `GPT2Model` (openai-community/gpt2 among them) have no `transformer.`
+    // prefix on their weights; the module is still `transformer`, as transformers loads it.
+    let vb_t = if !vb.contains("transformer.wte.weight") && vb.contains("wte.weight") {
+        vb.pp_module("transformer")
+    } else {
+        vb.pp("transformer")
+    };
     let wte = Embedding::new(cfg.vocab_size, cfg.n_embd, vb_t.pp("wte"))?;
     let wpe = Embedding::new(cfg.n_positions, cfg.n_embd, vb_t.pp("wpe"))?;
     let drop = Dropout::new(cfg.embd_pdrop, vb_t.pp("drop"));

@@ -58,7 +58,12 @@ impl LlamaConfig {
         let num_attention_heads = cfg.usize(&["num_attention_heads"])?;
         let num_hidden_layers = cfg.usize(&["num_hidden_layers"])?;
         let num_key_value_heads = cfg.usize_or("num_key_value_heads", num_attention_heads)?;
-        let head_dim = cfg.usize_or("head_dim", hidden_size / num_attention_heads.max(1))?;
+        // Qwen3Config's `head_dim` defaults to 128; the others derive it from hidden / heads.
+        let default_head_dim = match model_type.as_str() {
+            "qwen3" => 128,
+            _ => hidden_size / num_attention_heads.max(1),
+        };
+        let head_dim = cfg.usize_or("head_dim", default_head_dim)?;
         if num_attention_heads == 0
             || num_key_value_heads == 0
             || num_attention_heads % num_key_value_heads != 0
@@ -85,15 +90,37 @@ impl LlamaConfig {
             "mistral" => (false, false, false),
             _ => (attention_bias, attention_bias, false),
         };
-        let window = cfg.opt_usize("sliding_window")?;
         let sliding = match model_type.as_str() {
-            // Mistral applies its window to every layer (its config ignores `layer_types`).
-            "mistral" => vec![window.filter(|w| *w > 0); num_hidden_layers],
-            "qwen2" | "qwen3" => cfg
-                .layer_types(num_hidden_layers, false)?
-                .into_iter()
-                .map(|s| if s { window } else { None })
-                .collect(),
+            // Mistral applies its window to every layer (its config ignores `layer_types`); an absent
+            // key is MistralConfig's default 4096, an explicit null is no window.
+            "mistral" => {
+                let window = match cfg.raw.get("sliding_window") {
+                    None => Some(4096),
+                    Some(_) => cfg.opt_usize("sliding_window")?,
+                };
+                vec![window.filter(|w| *w > 0); num_hidden_layers]
+            }
+            "qwen2" | "qwen3" => {
+                // Qwen2Config / Qwen3Config set `sliding_window = None` unless `use_sliding_window`,
+                // then derive `layer_types` (when not given) from `max_window_layers` (default 28).
+                let window = if cfg.bool_or("use_sliding_window", false)? {
+                    cfg.opt_usize("sliding_window")?.filter(|w| *w > 0)
+                } else {
+                    None
+                };
+                let types = if cfg.raw.get("layer_types").is_some_and(|v| !v.is_null()) {
+                    cfg.layer_types(num_hidden_layers, false)?
+                } else {
+                    let max_window_layers = cfg.usize_or("max_window_layers", 28)?;
+                    (0..num_hidden_layers)
+                        .map(|i| i >= max_window_layers)
+                        .collect()
+                };
+                types
+                    .into_iter()
+                    .map(|s| if s { window } else { None })
+                    .collect()
+            }
             _ => vec![None; num_hidden_layers],
         };
         let default_max_pos = match model_type.as_str() {
@@ -101,6 +128,8 @@ impl LlamaConfig {
             "qwen2" | "qwen3" => 32768,
             _ => 2048,
         };
+        // Only LlamaMLP reads `mlp_bias`; Mistral's and Qwen's MLPs have no biases.
+        let mlp_bias = model_type == "llama" && cfg.bool_or("mlp_bias", false)?;
         Ok(LlamaConfig {
             model_type,
             hidden_size,
@@ -113,12 +142,20 @@ impl LlamaConfig {
             hidden_act,
             qkv_bias,
             o_bias,
-            mlp_bias: cfg.bool_or("mlp_bias", false)?,
+            mlp_bias,
             qk_norm,
             vocab_size: cfg.usize(&["vocab_size"])?,
             tie_word_embeddings: cfg.bool_or("tie_word_embeddings", false)?,
             sliding_window: sliding,
-            rope: rope::RopeParams::from_config(cfg, 10000.0, default_max_pos)?,
+            rope: {
+                let mut rope = rope::RopeParams::from_config(cfg, 10000.0, default_max_pos)?;
+                // `compute_default_rope_parameters` of these models rotates the whole head and
+                // ignores `partial_rotary_factor` (the scaled types read it).
+                if rope.rope_type == "default" {
+                    rope.partial_rotary_factor = 1.0;
+                }
+                rope
+            },
         })
     }
 }
@@ -334,26 +371,18 @@ impl LlamaModel {
         let inputs_embeds = self.embed_tokens.forward(input_ids)?;
         let (batch, seq_len) = input_ids.dims2()?;
         let (dtype, device) = (inputs_embeds.dtype(), inputs_embeds.device());
-        let causal_mask = mask::causal_mask(attention_mask, batch, seq_len, None, dtype, device)?;
-        let window = self.sliding_window.iter().flatten().next().copied();
-        let sliding_mask = match window {
-            Some(w) => Some(mask::causal_mask(
-                attention_mask,
-                batch,
-                seq_len,
-                Some(w),
-                dtype,
-                device,
-            )?),
-            None => None,
-        };
+        let causal_mask_mapping = mask::CausalMasks::new(
+            attention_mask,
+            batch,
+            seq_len,
+            &self.sliding_window,
+            dtype,
+            device,
+        )?;
         let position_embeddings = self.rotary_emb.cos_sin(seq_len, dtype, device)?;
         let mut hidden_states = inputs_embeds;
         for (decoder_layer, window) in self.layers.iter().zip(self.sliding_window.iter()) {
-            let layer_mask = match (window, &sliding_mask) {
-                (Some(_), Some(m)) => m,
-                _ => &causal_mask,
-            };
+            let layer_mask = causal_mask_mapping.for_layer(*window);
             hidden_states =
                 decoder_layer.forward(&hidden_states, Some(layer_mask), &position_embeddings)?;
         }

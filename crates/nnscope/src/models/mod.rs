@@ -9,11 +9,14 @@ use crate::config::Config;
 use crate::nn::Builder;
 use candle_core::Tensor;
 
+pub mod bloom;
 pub mod dbrx;
 pub mod gpt2;
 pub mod gpt_oss;
+pub mod gptj;
 pub mod llama;
 pub mod qwen2_moe;
+pub mod stablelm;
 
 /// A causal language model's forward pass.
 pub trait CausalLM: Send + Sync {
@@ -23,6 +26,13 @@ pub trait CausalLM: Send + Sync {
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
     ) -> candle_core::Result<Tensor>;
+
+    /// The attention-probability path from `attentions.L` when this model's config moves it away from
+    /// the registry's (GPT-2 with `reorder_and_upcast_attn` computes them in
+    /// `_upcast_and_reordered_attn`); `None` keeps [`Architecture::attention_probabilities`].
+    fn attention_probabilities(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// Builds a model from its config and weights.
@@ -110,6 +120,27 @@ pub const ARCHITECTURES: &[Architecture] = &[
         load: gpt_oss::load,
         attention_probabilities: "source.attention_interface_0.source.F_softmax_0",
         prob_shape: ProbShape::SinkColumn,
+    },
+    Architecture {
+        model_type: "gptj",
+        class: "GPTJForCausalLM",
+        load: gptj::load,
+        attention_probabilities: "source.self__attn_0.source.self_attn_dropout_0",
+        prob_shape: ProbShape::Standard,
+    },
+    Architecture {
+        model_type: "bloom",
+        class: "BloomForCausalLM",
+        load: bloom::load,
+        attention_probabilities: "source.self_attention_dropout_0",
+        prob_shape: ProbShape::Standard,
+    },
+    Architecture {
+        model_type: "stablelm",
+        class: "StableLmForCausalLM",
+        load: stablelm::load,
+        attention_probabilities: "source.self_attention_dropout_0",
+        prob_shape: ProbShape::Standard,
     },
 ];
 

@@ -591,26 +591,18 @@ impl Qwen2MoeModel {
         let inputs_embeds = self.embed_tokens.forward(input_ids)?;
         let (batch, seq_len) = input_ids.dims2()?;
         let (dtype, device) = (inputs_embeds.dtype(), inputs_embeds.device());
-        let causal_mask = mask::causal_mask(attention_mask, batch, seq_len, None, dtype, device)?;
-        let window = self.sliding_window.iter().flatten().next().copied();
-        let sliding_mask = match window {
-            Some(w) => Some(mask::causal_mask(
-                attention_mask,
-                batch,
-                seq_len,
-                Some(w),
-                dtype,
-                device,
-            )?),
-            None => None,
-        };
+        let causal_mask_mapping = mask::CausalMasks::new(
+            attention_mask,
+            batch,
+            seq_len,
+            &self.sliding_window,
+            dtype,
+            device,
+        )?;
         let position_embeddings = self.rotary_emb.cos_sin(seq_len, dtype, device)?;
         let mut hidden_states = inputs_embeds;
         for (decoder_layer, window) in self.layers.iter().zip(self.sliding_window.iter()) {
-            let layer_mask = match (window, &sliding_mask) {
-                (Some(_), Some(m)) => m,
-                _ => &causal_mask,
-            };
+            let layer_mask = causal_mask_mapping.for_layer(*window);
             hidden_states =
                 decoder_layer.forward(&hidden_states, Some(layer_mask), &position_embeddings)?;
         }

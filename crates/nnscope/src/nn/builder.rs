@@ -1,5 +1,6 @@
 //! Building a model from its weights while recording its module tree.
 
+use crate::hub::TensorIndex;
 use crate::trace::{FnInfo, HookedForward, Scope};
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
@@ -57,6 +58,9 @@ pub struct Builder<'a> {
     vb: VarBuilder<'a>,
     path: Vec<String>,
     table: Rc<RefCell<ModuleTable>>,
+    /// Where each stored tensor is and its stored dtype and shape, when loading from files: lets
+    /// errors name the file and refuse integer weights before candle converts them.
+    index: Option<Rc<TensorIndex>>,
 }
 
 impl<'a> Builder<'a> {
@@ -66,6 +70,16 @@ impl<'a> Builder<'a> {
             vb,
             path: Vec::new(),
             table: Rc::new(RefCell::new(ModuleTable::default())),
+            index: None,
+        }
+    }
+
+    /// A builder over a `VarBuilder` reading the checkpoint files described by `index` (see
+    /// [`crate::hub::read_headers`]).
+    pub fn with_index(vb: VarBuilder<'a>, index: TensorIndex) -> Self {
+        Builder {
+            index: Some(Rc::new(index)),
+            ..Builder::new(vb)
         }
     }
 
@@ -78,6 +92,21 @@ impl<'a> Builder<'a> {
             vb: self.vb.pp(s),
             path,
             table: self.table.clone(),
+            index: self.index.clone(),
+        }
+    }
+
+    /// Descends to a child module whose weights are stored at the current prefix: checkpoints saved
+    /// from a base model (BLOOM's `BloomModel`) lack the `transformer.` prefix that the module path of
+    /// the causal-LM class has.
+    pub fn pp_module<S: ToString>(&self, s: S) -> Self {
+        let mut path = self.path.clone();
+        path.push(s.to_string());
+        Builder {
+            vb: self.vb.clone(),
+            path,
+            table: self.table.clone(),
+            index: self.index.clone(),
         }
     }
 
@@ -101,21 +130,57 @@ impl<'a> Builder<'a> {
         }
     }
 
-    /// A weight of known shape (the error names the tensor and both shapes).
+    /// A weight of known shape. Errors name the tensor, the file it is in, and the expected and
+    /// stored shapes; integer or quantized weights are refused rather than converted.
     pub fn get<S: Into<Shape>>(&self, shape: S, name: &str) -> Result<Tensor> {
         let shape = shape.into();
-        if !self.vb.contains_tensor(name) {
-            let full = if self.path.is_empty() {
-                name.to_string()
-            } else {
-                format!("{}.{}", self.path(), name)
+        // The stored name: the weight prefix, which differs from the module path for checkpoints
+        // saved without the causal-LM class's prefix (see `pp_module`).
+        let prefix = self.vb.prefix();
+        let full = if prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        if let Some(index) = &self.index {
+            let Some(info) = index.get(&full) else {
+                let mut files: Vec<String> = index.values().map(|i| file_name(&i.file)).collect();
+                files.sort();
+                files.dedup();
+                candle_core::bail!(
+                    "missing tensor `{full}` (expected shape {:?}): not in {}",
+                    shape.dims(),
+                    files.join(", ")
+                );
             };
+            if info.shape != shape.dims() {
+                candle_core::bail!(
+                    "tensor `{full}` in {} has shape {:?}, but the config implies {:?}",
+                    file_name(&info.file),
+                    info.shape,
+                    shape.dims()
+                );
+            }
+            if !info.is_float() {
+                candle_core::bail!(
+                    "tensor `{full}` in {} has dtype {}; weights must be floating point (F16, BF16, F32 or F64): \
+                     integer or quantized checkpoints are not supported",
+                    file_name(&info.file),
+                    info.dtype
+                );
+            }
+        } else if !self.vb.contains_tensor(name) {
             candle_core::bail!(
                 "missing tensor `{full}` (expected shape {:?})",
                 shape.dims()
             );
         }
-        self.vb.get(shape, name)
+        self.vb.get(shape.clone(), name).map_err(|e| {
+            candle_core::Error::Msg(format!(
+                "tensor `{full}` (expected shape {:?}): {e}",
+                shape.dims()
+            ))
+        })
     }
 
     /// Whether a weight exists under the current path.
@@ -137,4 +202,10 @@ impl<'a> Builder<'a> {
     pub fn table(&self) -> ModuleTable {
         self.table.borrow().clone()
     }
+}
+
+fn file_name(p: &std::path::Path) -> String {
+    p.file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_else(|| p.display().to_string())
 }

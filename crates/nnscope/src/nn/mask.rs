@@ -47,3 +47,46 @@ pub fn causal_mask(
     }
     Tensor::from_vec(data, (batch, 1, seq_len, seq_len), device)?.to_dtype(dtype)
 }
+
+/// The masks of one forward by layer type, as transformers' `causal_mask_mapping`: the full causal
+/// mask, and the sliding-window one when any layer slides. Built once per forward.
+#[derive(Debug, Clone)]
+pub struct CausalMasks {
+    full: Tensor,
+    sliding: Option<Tensor>,
+}
+
+impl CausalMasks {
+    /// Masks for layers whose windows are `windows` (`None`: full attention).
+    pub fn new(
+        attention_mask: Option<&Tensor>,
+        batch: usize,
+        seq_len: usize,
+        windows: &[Option<usize>],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let full = causal_mask(attention_mask, batch, seq_len, None, dtype, device)?;
+        // Every sliding layer of the supported models shares the config's one `sliding_window`.
+        let sliding = match windows.iter().flatten().next() {
+            Some(w) => Some(causal_mask(
+                attention_mask,
+                batch,
+                seq_len,
+                Some(*w),
+                dtype,
+                device,
+            )?),
+            None => None,
+        };
+        Ok(CausalMasks { full, sliding })
+    }
+
+    /// The mask of a layer with window `window`.
+    pub fn for_layer(&self, window: Option<usize>) -> &Tensor {
+        match (window, &self.sliding) {
+            (Some(_), Some(m)) => m,
+            _ => &self.full,
+        }
+    }
+}

@@ -30,12 +30,12 @@ impl RopeParams {
         default_theta: f64,
         default_max_pos: usize,
     ) -> crate::Result<Self> {
-        let mut params = match cfg.raw.get("rope_parameters") {
-            Some(serde_json::Value::Object(m)) if !m.is_empty() => m.clone(),
-            _ => match cfg.raw.get("rope_scaling") {
-                Some(serde_json::Value::Object(m)) => m.clone(),
-                _ => serde_json::Map::new(),
-            },
+        // transformers' `convert_rope_params_to_dict`: `rope_scaling or rope_parameters`, so a
+        // non-empty legacy `rope_scaling` wins when a config has both.
+        let mut params = match (cfg.raw.get("rope_scaling"), cfg.raw.get("rope_parameters")) {
+            (Some(serde_json::Value::Object(m)), _) if !m.is_empty() => m.clone(),
+            (_, Some(serde_json::Value::Object(m))) => m.clone(),
+            _ => serde_json::Map::new(),
         };
         let top_theta = cfg.opt_f64("rope_theta")?;
         let top_prf = cfg.opt_f64("partial_rotary_factor")?;
@@ -206,7 +206,7 @@ fn compute(p: &RopeParams, dim: usize, seq_len: Option<usize>) -> Result<(Vec<f3
                     let f = 1.0 / x;
                     let wl = 2.0 * std::f32::consts::PI / f;
                     let scaled = if wl > low_wl { f / factor } else { f };
-                    // transformers: ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+                    // transformers: `~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)` (no NaN here).
                     let medium = wl >= high_wl && wl <= low_wl;
                     if medium {
                         let s = (old / wl - low) / (high - low);

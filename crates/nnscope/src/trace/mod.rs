@@ -31,6 +31,7 @@ pub struct Trace<'m> {
     input: Input,
     reqs: Vec<(HookPath, Req<'m>)>,
     check_finite: bool,
+    memory_limit: Option<u64>,
 }
 
 /// What a trace produced.
@@ -93,6 +94,7 @@ impl Model {
             input,
             reqs: Vec::new(),
             check_finite: false,
+            memory_limit: None,
         }
     }
 
@@ -255,10 +257,60 @@ impl<'m> Trace<'m> {
         self
     }
 
+    /// Caps the memory the saved values may take, in bytes. By default a trace on the CPU refuses
+    /// to start when its saves are estimated to need more than the memory available
+    /// (`MemAvailable` in /proc/meminfo); this sets the limit explicitly (on any device).
+    pub fn memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = Some(bytes);
+        self
+    }
+
+    /// Estimates what the saves will take and refuses to run when it exceeds the memory limit, so
+    /// that an oversized request fails in a second with a message instead of after minutes of
+    /// swapping, or by the out-of-memory killer.
+    fn check_memory(&self, b: usize, t: usize) -> Result<()> {
+        let (available, source_of_limit) = match self.memory_limit {
+            Some(l) => (l, "allowed by `Trace::memory_limit`".to_string()),
+            None if self.model.device.is_cpu() => match mem_available() {
+                Some(a) => (a, "available (MemAvailable in /proc/meminfo)".to_string()),
+                None => return Ok(()),
+            },
+            None => return Ok(()),
+        };
+        let mut items: Vec<(u64, String)> = Vec::new();
+        for (hp, req) in &self.reqs {
+            if matches!(req.action, Action::Save(_)) {
+                let dims = estimate_shape(self.model, hp, b, t);
+                let elems = dims.iter().fold(1u64, |a, d| a.saturating_mul(*d as u64));
+                let bytes = elems.saturating_mul(self.model.dtype.size_in_bytes() as u64);
+                items.push((bytes, format!("`{}` ~{dims:?}", req.path)));
+            }
+        }
+        let needed = items.iter().fold(0u64, |a, (n, _)| a.saturating_add(*n));
+        if needed <= available {
+            return Ok(());
+        }
+        items.sort_by_key(|item| std::cmp::Reverse(item.0));
+        let mut detail: Vec<String> = items.iter().take(3).map(|(_, s)| s.clone()).collect();
+        if items.len() > 3 {
+            detail.push(format!("and {} more", items.len() - 3));
+        }
+        Err(Error::TooLarge {
+            needed,
+            available,
+            source_of_limit,
+            detail: detail.join(", "),
+        })
+    }
+
     /// Runs the model once, serving every request.
     pub fn run(self) -> Result<TraceOutput> {
         let model = self.model;
         let (ids, mask) = model.encode(&self.input)?;
+        {
+            let (b, t) = ids.dims2()?;
+            self.check_memory(b, t)?;
+        }
         let mut ctx = Ctx::new(model.modules.len(), false);
         ctx.check_finite = self.check_finite;
         for (hp, req) in self.reqs {
@@ -309,4 +361,65 @@ impl<'m> Trace<'m> {
             saved,
         })
     }
+}
+
+/// Bytes of memory available to new allocations, from /proc/meminfo (Linux); `None` elsewhere.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb.saturating_mul(1024))
+}
+
+/// The shape a saved value is expected to have for a [B, T] input, by a per-name rule: logits are
+/// [B, T, vocab]; attention probabilities (and, as an upper bound, anything inside an attention
+/// module) [B, heads, T, T]; everything else at most [B, T, max(hidden, MLP width)]. An estimate
+/// for refusing hopeless requests, not a promise.
+fn estimate_shape(model: &Model, hp: &HookPath, b: usize, t: usize) -> Vec<usize> {
+    let cfg = &model.config;
+    let hidden = cfg
+        .usize(&["hidden_size", "n_embd", "d_model"])
+        .unwrap_or(0);
+    let inner = cfg
+        .usize(&["intermediate_size", "n_inner", "ffn_dim"])
+        .unwrap_or(4 * hidden);
+    let heads = cfg
+        .usize(&["num_attention_heads", "n_head", "num_heads"])
+        .unwrap_or(1);
+    let names = &model.names;
+    let canonical = hp.canonical.as_str();
+    let lm_head_out = format!("{}.output", names.lm_head);
+    if canonical == lm_head_out || canonical.starts_with(&format!("{lm_head_out}.")) {
+        return vec![b, t, model.vocab_size];
+    }
+    let width = hidden.max(inner);
+    let entry = model.modules.get(hp.module);
+    let in_attention = entry.path.split('.').any(|seg| {
+        crate::standard::RULES
+            .iter()
+            .find(|r| r.standard == "self_attn")
+            .is_some_and(|r| r.aliases.contains(&seg))
+    });
+    let probs_cols = match model.arch.prob_shape {
+        crate::models::ProbShape::Standard => t,
+        crate::models::ProbShape::SinkColumn => t + 1,
+    };
+    let is_probs = hp.given.starts_with("attention_probabilities");
+    if is_probs {
+        return vec![b, heads, t, probs_cols];
+    }
+    if in_attention && hp.site != rt::OUTPUT_SITE && hp.site != rt::INPUT_SITE {
+        // A call inside attention: scores and probabilities are the largest values there.
+        let probs = b
+            .saturating_mul(heads)
+            .saturating_mul(t)
+            .saturating_mul(probs_cols);
+        let states = b.saturating_mul(t).saturating_mul(width);
+        return if probs >= states {
+            vec![b, heads, t, probs_cols]
+        } else {
+            vec![b, t, width]
+        };
+    }
+    vec![b, t, width]
 }

@@ -69,13 +69,6 @@ pub fn resolve(model: &Model, given: &str) -> Result<HookPath> {
         return Err(err(given, "no such module", suggestions_for(model, given)));
     };
     let rest = &tokens[i..];
-    if i == 0 && !rest.is_empty() && !matches!(rest[0], "source" | "output" | "input") {
-        return Err(err(
-            given,
-            "no such module or standard name",
-            suggestions_for(model, given),
-        ));
-    }
     if rest.is_empty() {
         return Err(err(
             given,
@@ -154,32 +147,23 @@ pub fn resolve(model: &Model, given: &str) -> Result<HookPath> {
                 vec![format!("{given}.output")],
             ))
         }
+        Some(other) if site.is_none() => {
+            return Err(unknown_module(model, given, &tokens, i, other))
+        }
         Some(other) => {
-            let mut cands: Vec<String> = vec!["source".into(), "output".into(), "input".into()];
-            if site.is_none() {
-                let prefix = format!("{}.", entry.path);
-                for e in &model.modules.entries {
-                    if let Some(child) = e.path.strip_prefix(&prefix) {
-                        cands.push(child.split('.').next().unwrap_or(child).to_string());
-                    }
-                }
-                if entry.path.is_empty() {
-                    cands.extend(
-                        model
-                            .modules
-                            .entries
-                            .iter()
-                            .map(|e| e.path.split('.').next().unwrap_or("").to_string()),
-                    );
-                }
-            }
             return Err(err(
                 given,
                 format!("unexpected `{other}`"),
-                nearest(other, cands.iter().map(|s| s.as_str()), 3),
+                nearest(other, ["source", "output"], 1),
             ));
         }
-        None => unreachable!("rest is non-empty"),
+        None => {
+            return Err(err(
+                given,
+                "a module path needs `.output` or `.input`",
+                vec![format!("{given}.output")],
+            ))
+        }
     };
     k += 1;
     let select = match rest.get(k) {
@@ -281,6 +265,70 @@ pub fn resolve(model: &Model, given: &str) -> Result<HookPath> {
         read_only,
         kind,
     })
+}
+
+/// The error for a path that leaves the module tree: names the first token that matches no module
+/// (an index past the end of a module list gets the list's length), with the nearest valid names.
+fn unknown_module(model: &Model, given: &str, tokens: &[&str], found: usize, other: &str) -> Error {
+    let is_prefix = |p: &str| {
+        let dotted = format!("{p}.");
+        model
+            .modules
+            .entries
+            .iter()
+            .any(|e| e.path == p || e.path.starts_with(&dotted))
+    };
+    // Descend past the found module as far as the tokens still lead towards some module.
+    let mut j = found;
+    while j < tokens.len() && is_prefix(&tokens[..=j].join(".")) {
+        j += 1;
+    }
+    let parent = tokens[..j].join(".");
+    let bad = tokens.get(j).copied().unwrap_or(other);
+    let dotted = format!("{parent}.");
+    let mut children: Vec<&str> = Vec::new();
+    for e in &model.modules.entries {
+        let rest = if parent.is_empty() {
+            Some(e.path.as_str())
+        } else {
+            e.path.strip_prefix(&dotted)
+        };
+        if let Some(child) = rest
+            .and_then(|r| r.split('.').next())
+            .filter(|c| !c.is_empty())
+        {
+            if !children.contains(&child) {
+                children.push(child);
+            }
+        }
+    }
+    let numbered = !children.is_empty() && children.iter().all(|c| c.parse::<usize>().is_ok());
+    if numbered && bad.parse::<usize>().is_ok() {
+        let n = children.len();
+        return err(
+            given,
+            format!(
+                "`{parent}` has {n} entries (0..{}), so there is no `{parent}.{bad}`",
+                n.saturating_sub(1)
+            ),
+            vec![format!("{parent}.{}", n.saturating_sub(1))],
+        );
+    }
+    let mut cands: Vec<&str> = children.clone();
+    if j == found {
+        cands.extend(["source", "output", "input"]);
+    }
+    if parent.is_empty() {
+        cands.extend(crate::standard::STANDARD_NAMES.iter().copied());
+    }
+    let what = if parent.is_empty() {
+        format!("`{bad}` is neither a standard name nor a module of the model")
+    } else if j == found {
+        format!("unexpected `{bad}` after module `{parent}`")
+    } else {
+        format!("`{parent}` has no `{bad}`")
+    };
+    err(given, what, nearest(bad, cands, 3))
 }
 
 fn first_labels(info: &FnInfo) -> Vec<String> {

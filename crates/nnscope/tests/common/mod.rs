@@ -7,7 +7,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use nnscope::models::ProbShape;
 use nnscope::{Input, LoadOptions, Model};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub fn fixture(arch: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -55,7 +55,7 @@ fn masked_max_diff(a: &Tensor, b: &Tensor, keep: &Tensor) -> f32 {
         .unwrap()
 }
 
-fn max_abs(a: &Tensor) -> f32 {
+pub fn max_abs(a: &Tensor) -> f32 {
     a.to_dtype(DType::F32)
         .unwrap()
         .abs()
@@ -249,4 +249,89 @@ pub fn golden_path_ids(model: &Model) -> Tensor {
         .to_string_lossy()
         .into_owned();
     golden(&name).t["single.input_ids"].clone()
+}
+
+// Helpers for tests that copy or rewrite checkpoints.
+
+pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
+    d.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// A fresh directory under the system temp dir, removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "nnscope-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn copy_files(from: &Path, to: &Path, names: &[&str]) {
+    std::fs::create_dir_all(to).unwrap();
+    for n in names {
+        std::fs::copy(from.join(n), to.join(n)).unwrap();
+    }
+}
+
+/// Logits for the golden `single` input.
+pub fn logits(model: &Model, g: &Golden) -> Tensor {
+    let ids = g.t["single.input_ids"].clone();
+    model.trace(Input::ids(ids)).run().unwrap().logits.unwrap()
+}
+
+/// Writes the golden `single` ids as an `--inputs` file.
+pub fn write_inputs(g: &Golden, path: &Path) {
+    let ids = g.t["single.input_ids"].clone();
+    let mut m = HashMap::new();
+    m.insert("input_ids".to_string(), ids);
+    candle_core::safetensors::save(&m, path).unwrap();
+}
+
+pub const LLAMA_FILES: &[&str] = &[
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+];
+
+/// A copy of the llama fixture with its weights converted to bfloat16 here (candle rounds to nearest
+/// even, as torch does).
+pub fn bf16_copy(tmp: &TempDir) -> PathBuf {
+    let src = fixture("llama");
+    let dir = tmp.0.join("llama-bf16");
+    copy_files(
+        &src,
+        &dir,
+        &["config.json", "tokenizer.json", "tokenizer_config.json"],
+    );
+    let w = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let w: HashMap<String, Tensor> = w
+        .into_iter()
+        .map(|(k, v)| (k, v.to_dtype(DType::BF16).unwrap()))
+        .collect();
+    candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
+    dir
 }
