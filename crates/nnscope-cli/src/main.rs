@@ -315,6 +315,8 @@ fn find_attn_probs(model: &str, json: bool) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    // Freed activations stay in the process for the next operation (see nnscope::keep_freed_memory).
+    nnscope::keep_freed_memory();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Run {

@@ -239,6 +239,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn main() {
+    // As the nnscope binary does (see nnscope::keep_freed_memory).
+    nnscope::keep_freed_memory();
     if let Err(e) = run() {
         eprintln!("bench: {e}");
         std::process::exit(1);

@@ -23,6 +23,7 @@
 // The instrumentation macro emits `::nnscope::...` paths; this makes them resolve inside this crate.
 extern crate self as nnscope;
 
+mod alloc;
 pub mod config;
 pub mod discover;
 mod error;
@@ -33,6 +34,7 @@ pub mod nn;
 pub mod standard;
 pub mod trace;
 
+pub use alloc::keep_freed_memory;
 pub use error::{nearest, Error, Result};
 pub use model::{Input, LoadOptions, Model};
 pub use trace::{Trace, TraceOutput};
