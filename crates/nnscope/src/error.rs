@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 /// Errors of nnscope.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A file could not be read or written.
     #[error("{path}: {source}")]

@@ -5,7 +5,7 @@
 //! - Loads Hugging Face checkpoints ([`hub`]) and runs them with transformers' numerics ([`models`]).
 //! - Every call inside a model's forward is a hookpoint named as nnsight names `.source` operations
 //!   (`attention_interface_0`, `nn_functional_dropout_0`, ...), which a [`Trace`] can save, replace or
-//!   edit ([`trace`]).
+//!   edit; the requests resolve into a reusable [`Plan`] run by the core ([`trace`]).
 //! - Standard names on every architecture (`layers_output.3`, `attention_probabilities.0`, ...)
 //!   ([`standard`]).
 //!
@@ -31,13 +31,15 @@ pub mod hub;
 mod model;
 pub mod models;
 pub mod nn;
+mod session;
 pub mod standard;
 pub mod trace;
 
 pub use alloc::keep_freed_memory;
 pub use error::{nearest, Error, Result};
 pub use model::{Input, LoadOptions, Model};
-pub use trace::{Trace, TraceOutput};
+pub use session::{PlanBuilder, Trace, TraceOutput};
+pub use trace::{Plan, StepOutput, Steps};
 
 /// What `#[hooked]` code calls at run time. Not a public API.
 #[doc(hidden)]

@@ -2,9 +2,9 @@
 
 use crate::config::Config;
 use crate::models::{architecture, Architecture, CausalLM, ARCHITECTURES};
-use crate::nn::{Builder, ModuleTable};
+use crate::nn::Builder;
 use crate::standard::StandardNames;
-use crate::trace::structure::Structure;
+use crate::trace::{HookPath, ModuleTable, Structure, Target};
 use crate::{hub, Error, Result};
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
@@ -313,7 +313,16 @@ impl Model {
     /// A plain forward: logits [B, T, vocab].
     pub fn forward(&self, input: &Input) -> Result<Tensor> {
         let (ids, mask) = self.encode(input)?;
-        Ok(self.net.forward(&ids, mask.as_ref())?)
+        Ok(self.run_net(&ids, mask.as_ref())?)
+    }
+
+    /// The network's forward on encoded input: the one place that calls it.
+    pub(crate) fn run_net(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        self.net.forward(ids, mask)
     }
 
     /// The token ids and attention mask for an input, validated.
@@ -518,10 +527,48 @@ impl Model {
     /// The call structure of the forward (which instrumented function each call site enters, and
     /// what each site returns), recorded once by running two tokens.
     pub fn structure(&self) -> Result<&Structure> {
-        let r = self
-            .structure
-            .get_or_init(|| Structure::record(self).map_err(|e| e.to_string()));
+        let r = self.structure.get_or_init(|| {
+            let record = || -> Result<Structure> {
+                let ids = Tensor::new(
+                    &[[0u32, 1u32.min(self.vocab_size as u32 - 1)]],
+                    &self.device,
+                )?;
+                Structure::record(self.modules.len(), || self.run_net(&ids, None).map(|_| ()))
+            };
+            record().map_err(|e| e.to_string())
+        });
         r.as_ref()
             .map_err(|e| Error::Input(format!("recording the model's call structure failed: {e}")))
+    }
+}
+
+impl Target for Model {
+    fn module_table(&self) -> &ModuleTable {
+        &self.modules
+    }
+
+    fn call_structure(&self) -> Result<&Structure> {
+        self.structure()
+    }
+
+    /// Standard names (`layers_output.3`, ...) become module paths ([`crate::standard::expand`]).
+    fn expand_path(&self, path: &str) -> Result<String> {
+        crate::standard::expand(self, path)
+    }
+
+    fn extra_names(&self) -> &[&'static str] {
+        crate::standard::STANDARD_NAMES
+    }
+
+    fn estimate_shape(&self, hp: &HookPath, b: usize, t: usize) -> Vec<usize> {
+        crate::standard::estimate_shape(self, hp, b, t)
+    }
+
+    fn activation_dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn activation_device(&self) -> &Device {
+        &self.device
     }
 }

@@ -13,7 +13,7 @@
 //! | `logits` | output of `lm_head` |
 
 use crate::models::ProbShape;
-use crate::nn::ModuleTable;
+use crate::trace::{rt, HookPath, ModuleTable};
 use crate::{nearest, Error, Model, Result};
 
 /// Every standard name (module accessors and values).
@@ -401,4 +401,54 @@ impl Model {
     pub fn hidden_size(&self) -> Result<usize> {
         self.config.usize(&["hidden_size", "n_embd", "d_model"])
     }
+}
+
+/// The shape a saved value is expected to have for a [B, T] input, by a per-name rule: logits are
+/// [B, T, vocab]; attention probabilities (and, as an upper bound, anything inside an attention
+/// module) [B, heads, T, T]; everything else at most [B, T, max(hidden, MLP width)]. An estimate
+/// for refusing hopeless requests, not a promise.
+pub(crate) fn estimate_shape(model: &Model, hp: &HookPath, b: usize, t: usize) -> Vec<usize> {
+    let cfg = &model.config;
+    let hidden = cfg
+        .usize(&["hidden_size", "n_embd", "d_model"])
+        .unwrap_or(0);
+    let inner = cfg
+        .usize(&["intermediate_size", "n_inner", "ffn_dim"])
+        .unwrap_or(4 * hidden);
+    let heads = cfg
+        .usize(&["num_attention_heads", "n_head", "num_heads"])
+        .unwrap_or(1);
+    let names = &model.names;
+    let canonical = hp.canonical.as_str();
+    let lm_head_out = format!("{}.output", names.lm_head);
+    if canonical == lm_head_out || canonical.starts_with(&format!("{lm_head_out}.")) {
+        return vec![b, t, model.vocab_size];
+    }
+    let width = hidden.max(inner);
+    let entry = model.modules.get(hp.module);
+    let in_attention = entry
+        .path
+        .split('.')
+        .any(|seg| rule("self_attn").contains(&seg));
+    let probs_cols = match model.attention_probabilities_shape() {
+        ProbShape::Standard => t,
+        ProbShape::SinkColumn => t + 1,
+    };
+    if hp.given.starts_with("attention_probabilities") {
+        return vec![b, heads, t, probs_cols];
+    }
+    if in_attention && hp.site != rt::OUTPUT_SITE && hp.site != rt::INPUT_SITE {
+        // A call inside attention: scores and probabilities are the largest values there.
+        let probs = b
+            .saturating_mul(heads)
+            .saturating_mul(t)
+            .saturating_mul(probs_cols);
+        let states = b.saturating_mul(t).saturating_mul(width);
+        return if probs >= states {
+            vec![b, heads, t, probs_cols]
+        } else {
+            vec![b, t, width]
+        };
+    }
+    vec![b, t, width]
 }

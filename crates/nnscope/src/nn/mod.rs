@@ -13,8 +13,9 @@ pub mod mask;
 pub(crate) mod mmap;
 pub mod rope;
 
+pub use crate::trace::{ModuleEntry, ModuleTable};
 pub use activation::{Activation, ACTIVATION_NAMES as ACTIVATION_NAMES_LIST};
-pub use builder::{Builder, ModuleEntry, ModuleTable};
+pub use builder::Builder;
 pub use layers::{
     gemm_backend, linear_matmul, prepare_linear_weight, Conv1D, Dropout, Embedding, LayerNorm,
     Linear, RmsNorm,

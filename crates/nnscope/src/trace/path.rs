@@ -1,12 +1,14 @@
 //! Hookpoint paths: `<module path>(.source.<label>)*.(output|input)[.<index>]`.
 //!
-//! The module path uses Hugging Face attribute names (`transformer.h.3.attn`); standard names
-//! (`layers.3`, `attention_probabilities.0`, ...) are expanded first. Paths are checked against the
-//! model's static call-site tables before anything runs, and a typo gets the nearest valid names.
+//! The module path uses Hugging Face attribute names (`transformer.h.3.attn`); the target's own
+//! names (standard names) are expanded first ([`Target::expand_path`]). Paths are checked against
+//! the static call-site tables and the recorded structure before anything runs, and a typo gets
+//! the nearest valid names.
 
 use super::requests::Kind;
 use super::rt::{FnInfo, Scope, INPUT_SITE, OUTPUT_SITE};
-use crate::{nearest, Error, Model, Result};
+use super::target::Target;
+use crate::{nearest, Error, Result};
 
 /// Which value of a module or call site.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,8 +51,8 @@ fn err(path: &str, msg: impl Into<String>, suggestions: Vec<String>) -> Error {
 }
 
 /// Resolves `given` against `model`.
-pub fn resolve(model: &Model, given: &str) -> Result<HookPath> {
-    let canonical = crate::standard::expand(model, given)?;
+pub fn resolve(model: &dyn Target, given: &str) -> Result<HookPath> {
+    let canonical = model.expand_path(given)?;
     let tokens: Vec<&str> = if canonical.is_empty() {
         vec![]
     } else {
@@ -60,7 +62,7 @@ pub fn resolve(model: &Model, given: &str) -> Result<HookPath> {
     let mut found = None;
     for i in (0..=tokens.len()).rev() {
         let p = tokens[..i].join(".");
-        if let Some((scope, entry)) = model.modules.find(&p) {
+        if let Some((scope, entry)) = model.module_table().find(&p) {
             found = Some((i, scope, entry));
             break;
         }
@@ -104,7 +106,7 @@ pub fn resolve(model: &Model, given: &str) -> Result<HookPath> {
         if !structure_loaded {
             structure_loaded = true;
             snode = model
-                .structure()?
+                .call_structure()?
                 .modules
                 .get(module.id as usize)
                 .and_then(|m| m.as_ref());
@@ -198,7 +200,7 @@ pub fn resolve(model: &Model, given: &str) -> Result<HookPath> {
         (None, Terminal::Output) => {
             // Module outputs are usually tensors; some (DBRX's norm_attn_norm) are tuples.
             let kind = model
-                .structure()?
+                .call_structure()?
                 .modules
                 .get(module.id as usize)
                 .and_then(|m| m.as_ref())
@@ -269,11 +271,17 @@ pub fn resolve(model: &Model, given: &str) -> Result<HookPath> {
 
 /// The error for a path that leaves the module tree: names the first token that matches no module
 /// (an index past the end of a module list gets the list's length), with the nearest valid names.
-fn unknown_module(model: &Model, given: &str, tokens: &[&str], found: usize, other: &str) -> Error {
+fn unknown_module(
+    model: &dyn Target,
+    given: &str,
+    tokens: &[&str],
+    found: usize,
+    other: &str,
+) -> Error {
     let is_prefix = |p: &str| {
         let dotted = format!("{p}.");
         model
-            .modules
+            .module_table()
             .entries
             .iter()
             .any(|e| e.path == p || e.path.starts_with(&dotted))
@@ -287,7 +295,7 @@ fn unknown_module(model: &Model, given: &str, tokens: &[&str], found: usize, oth
     let bad = tokens.get(j).copied().unwrap_or(other);
     let dotted = format!("{parent}.");
     let mut children: Vec<&str> = Vec::new();
-    for e in &model.modules.entries {
+    for e in &model.module_table().entries {
         let rest = if parent.is_empty() {
             Some(e.path.as_str())
         } else {
@@ -319,7 +327,7 @@ fn unknown_module(model: &Model, given: &str, tokens: &[&str], found: usize, oth
         cands.extend(["source", "output", "input"]);
     }
     if parent.is_empty() {
-        cands.extend(crate::standard::STANDARD_NAMES.iter().copied());
+        cands.extend(model.extra_names().iter().copied());
     }
     let what = if parent.is_empty() {
         format!("`{bad}` is neither a standard name nor a module of the model")
@@ -335,22 +343,18 @@ fn first_labels(info: &FnInfo) -> Vec<String> {
     info.labels.iter().take(3).map(|s| s.to_string()).collect()
 }
 
-fn suggestions_for(model: &Model, given: &str) -> Vec<String> {
+fn suggestions_for(model: &dyn Target, given: &str) -> Vec<String> {
     let mut cands: Vec<String> = model
-        .modules
+        .module_table()
         .entries
         .iter()
         .map(|e| e.path.clone())
         .collect();
-    cands.extend(
-        crate::standard::STANDARD_NAMES
-            .iter()
-            .map(|s| s.to_string()),
-    );
+    cands.extend(model.extra_names().iter().map(|s| s.to_string()));
     // Compare like with like: a standard name with its first segment, a module path with as many
     // segments as were given.
     let first = given.split('.').next().unwrap_or(given);
-    let mut out: Vec<String> = nearest(first, crate::standard::STANDARD_NAMES.iter().copied(), 2)
+    let mut out: Vec<String> = nearest(first, model.extra_names().iter().copied(), 2)
         .into_iter()
         .map(|s| match given.split_once('.') {
             Some((_, tail)) => format!("{s}.{tail}"),
@@ -374,9 +378,9 @@ fn suggestions_for(model: &Model, given: &str) -> Vec<String> {
 /// The instrumented function a listing path names: a module (`attentions.0`, `model.layers.0.mlp`)
 /// or a call into another instrumented function (`attentions.0.source.attention_interface_0`).
 /// A trailing `.source` is accepted.
-pub fn resolve_function(model: &Model, given: &str) -> Result<&'static FnInfo> {
+pub fn resolve_function(model: &dyn Target, given: &str) -> Result<&'static FnInfo> {
     let trimmed = given.trim_end_matches(".source");
-    let canonical = crate::standard::expand(model, trimmed)?;
+    let canonical = model.expand_path(trimmed)?;
     let tokens: Vec<&str> = if canonical.is_empty() {
         vec![]
     } else {
@@ -384,7 +388,7 @@ pub fn resolve_function(model: &Model, given: &str) -> Result<&'static FnInfo> {
     };
     let mut found = None;
     for i in (0..=tokens.len()).rev() {
-        if let Some((scope, entry)) = model.modules.find(&tokens[..i].join(".")) {
+        if let Some((scope, entry)) = model.module_table().find(&tokens[..i].join(".")) {
             found = Some((i, scope, entry));
             break;
         }
@@ -397,7 +401,7 @@ pub fn resolve_function(model: &Model, given: &str) -> Result<&'static FnInfo> {
     if rest.is_empty() {
         return Ok(info);
     }
-    let structure = model.structure()?;
+    let structure = model.call_structure()?;
     let mut node = structure
         .modules
         .get(module.id as usize)

@@ -1,5 +1,6 @@
 //! A trace's requests, compiled into a tree of scopes so that each probe finds its work in one step.
 
+use super::plan::{Action, Request};
 use super::rt::FnInfo;
 use super::value::Value;
 use candle_core::{DType, Result, Tensor};
@@ -17,25 +18,6 @@ pub enum Kind {
     Tuple(usize),
     /// Anything else: listed, read-only.
     Other,
-}
-
-/// An edit: a function from the value at a hookpoint to its new value.
-pub type EditFn<'a> = Box<dyn Fn(&Tensor) -> Result<Tensor> + 'a>;
-
-/// What to do at a hookpoint.
-pub(crate) enum Action<'a> {
-    Save(usize),
-    Replace(Tensor),
-    Edit(EditFn<'a>),
-    Stop,
-}
-
-pub(crate) struct Req<'a> {
-    /// The path as the user wrote it (for messages and saved names).
-    pub path: String,
-    pub action: Action<'a>,
-    /// Element of a tuple value (`.output.1`).
-    pub select: Option<usize>,
 }
 
 /// One scope: a module's forward, or an instrumented function entered from a call site.
@@ -59,26 +41,28 @@ pub(crate) struct Ctx<'a> {
     pub nodes: RefCell<Vec<Node>>,
     pub module_nodes: RefCell<Vec<u32>>,
     stack: RefCell<Vec<u32>>,
-    pub reqs: Vec<Req<'a>>,
+    /// The plan's requests (indexed as in the plan; only those added with `add_request` run).
+    pub reqs: &'a [Request],
     pub recording: bool,
     pub check_finite: bool,
-    pub saved: RefCell<Vec<Vec<Value>>>,
+    /// Values saved by each request, indexed as `reqs`.
+    pub saved: RefCell<Vec<Vec<Tensor>>>,
     pub hits: RefCell<Vec<u32>>,
     pub interrupt: RefCell<Option<Interrupt>>,
     stopped: Cell<bool>,
 }
 
 impl<'a> Ctx<'a> {
-    pub fn new(n_modules: usize, recording: bool) -> Self {
+    pub fn new(n_modules: usize, recording: bool, reqs: &'a [Request]) -> Self {
         Ctx {
             nodes: RefCell::new(Vec::new()),
             module_nodes: RefCell::new(vec![NONE; n_modules]),
             stack: RefCell::new(Vec::with_capacity(16)),
-            reqs: Vec::new(),
+            reqs,
             recording,
             check_finite: false,
-            saved: RefCell::new(Vec::new()),
-            hits: RefCell::new(Vec::new()),
+            saved: RefCell::new(vec![Vec::new(); reqs.len()]),
+            hits: RefCell::new(vec![0; reqs.len()]),
             interrupt: RefCell::new(None),
             stopped: Cell::new(false),
         }
@@ -122,16 +106,8 @@ impl<'a> Ctx<'a> {
             .map(|(_, c)| *c)
     }
 
-    /// Adds a request at `site` of `node`.
-    pub fn add_request(&mut self, node: u32, site: u32, mut req: Req<'a>) {
-        if let Action::Save(slot) = &mut req.action {
-            let mut saved = self.saved.borrow_mut();
-            *slot = saved.len();
-            saved.push(Vec::new());
-        }
-        self.reqs.push(req);
-        self.hits.borrow_mut().push(0);
-        let idx = self.reqs.len() - 1;
+    /// Makes request `idx` (of `reqs`) run at `site` of `node`.
+    pub fn add_request(&mut self, node: u32, site: u32, idx: usize) {
         let mut nodes = self.nodes.borrow_mut();
         let n = &mut nodes[node as usize];
         match n.sites.iter_mut().find(|(s, _)| *s == site) {
@@ -231,9 +207,9 @@ impl<'a> Ctx<'a> {
         for ri in reqs {
             let req = &self.reqs[ri];
             self.hits.borrow_mut()[ri] += 1;
-            let Some(cur) = v.get(req.select).cloned() else {
+            let Some(cur) = v.get(req.path.select).cloned() else {
                 return Err(self.fail(crate::Error::Hookpoint {
-                    path: req.path.clone(),
+                    path: req.name.clone(),
                     msg: match &v {
                         Value::Tuple(t) => format!(
                             "the value here is a tuple of {} tensors: add `.0` .. `.{}` after `.output`",
@@ -245,30 +221,70 @@ impl<'a> Ctx<'a> {
                     suggestions: vec![],
                 }));
             };
-            match &req.action {
-                Action::Save(slot) => {
-                    self.saved.borrow_mut()[*slot].push(Value::Tensor(cur));
+            let rows = req.rows.as_deref();
+            if let Some(rows) = rows {
+                let n = cur.dims().first().copied().unwrap_or(0);
+                if let Some(bad) = rows.iter().find(|r| **r >= n) {
+                    return Err(self.fail(crate::Error::Hookpoint {
+                        path: req.name.clone(),
+                        msg: format!(
+                            "row {bad} was requested, but the value here has {n} rows (shape {:?})",
+                            cur.dims()
+                        ),
+                        suggestions: vec![],
+                    }));
                 }
-                Action::Replace(t) => {
-                    let t = self.check_new(&req.path, &cur, t.clone())?;
-                    v.set(req.select, t);
+            }
+            // The part of the value the request applies to: the chosen rows, or all of it.
+            let part = |t: &Tensor| -> Result<Tensor> {
+                match rows {
+                    Some(r) => select_rows(t, r),
+                    None => Ok(t.clone()),
                 }
-                Action::Edit(f) => {
-                    let new = f(&cur).map_err(|e| {
-                        self.fail(crate::Error::Edit {
-                            path: req.path.clone(),
-                            msg: e.to_string(),
-                        })
-                    })?;
-                    let new = self.check_new(&req.path, &cur, new)?;
-                    v.set(req.select, new);
+            };
+            let new_part = match &req.action {
+                Action::Save => {
+                    let kept = part(&cur)?;
+                    self.saved.borrow_mut()[ri].push(kept);
+                    continue;
+                }
+                Action::Replace(t) => t.clone(),
+                Action::Edit(f) => f(&part(&cur)?).map_err(|e| {
+                    self.fail(crate::Error::Edit {
+                        path: req.name.clone(),
+                        msg: e.to_string(),
+                    })
+                })?,
+                Action::CopyFrom(src) => {
+                    let seen = self
+                        .saved
+                        .borrow()
+                        .get(*src)
+                        .and_then(|v| v.last().cloned());
+                    let Some(seen) = seen else {
+                        return Err(self.fail(crate::Error::Hookpoint {
+                            path: req.name.clone(),
+                            msg: format!(
+                                "copies the value of `{}`, which has not run before it in this forward",
+                                self.reqs.get(*src).map(|r| r.name.as_str()).unwrap_or("?")
+                            ),
+                            suggestions: vec![],
+                        }));
+                    };
+                    part(&seen)?
                 }
                 Action::Stop => {
                     self.stopped.set(true);
                     *self.interrupt.borrow_mut() = Some(Interrupt::Stop);
                     return Err(candle_core::Error::Msg("nnscope: trace stopped".into()));
                 }
-            }
+            };
+            let new_part = self.check_new(&req.name, &part(&cur)?, new_part)?;
+            let new = match rows {
+                Some(r) => scatter_rows(&cur, r, &new_part)?,
+                None => new_part,
+            };
+            v.set(req.path.select, new);
         }
         Ok(v)
     }
@@ -317,4 +333,25 @@ fn is_float(d: DType) -> bool {
 fn all_finite(t: &Tensor) -> Result<bool> {
     let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     Ok(v.iter().all(|x| x.is_finite()))
+}
+
+/// Rows `rows` of `t` along its first dimension.
+fn select_rows(t: &Tensor, rows: &[usize]) -> Result<Tensor> {
+    let idx: Vec<u32> = rows.iter().map(|r| *r as u32).collect();
+    let idx = Tensor::from_vec(idx, rows.len(), t.device())?;
+    t.index_select(&idx, 0)
+}
+
+/// `old` with its rows `rows` (first dimension) replaced by the rows of `new`, in order.
+fn scatter_rows(old: &Tensor, rows: &[usize], new: &Tensor) -> Result<Tensor> {
+    let n = old.dim(0)?;
+    let mut parts = Vec::with_capacity(n);
+    for i in 0..n {
+        // The last occurrence wins when a row is listed twice.
+        match rows.iter().rposition(|r| *r == i) {
+            Some(k) => parts.push(new.narrow(0, k, 1)?),
+            None => parts.push(old.narrow(0, i, 1)?),
+        }
+    }
+    Tensor::cat(&parts, 0)
 }

@@ -69,7 +69,7 @@ pub(crate) struct Activation {
 impl Activation {
     /// # Safety
     /// `ctx` must outlive the returned guard; the guard must be dropped on this thread. Both hold in
-    /// `Trace::run`, which keeps the context on its stack frame for the guard's whole life.
+    /// `Plan::run` and `Structure::record`, which keep the context on its stack frame for the guard's whole life.
     pub(crate) unsafe fn new(ctx: &Ctx<'_>) -> Self {
         // The lifetime is erased here and restored by the guard's scope (see `with_ctx`).
         let p = (ctx as *const Ctx<'_>).cast::<Ctx<'static>>();

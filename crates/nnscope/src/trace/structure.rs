@@ -3,8 +3,7 @@
 
 use super::requests::{Ctx, Kind, NONE};
 use super::rt::{Activation, FnInfo};
-use crate::{Model, Result};
-use candle_core::Tensor;
+use crate::Result;
 
 /// A scope in the recorded structure.
 #[derive(Debug, Clone)]
@@ -36,18 +35,17 @@ pub struct Structure {
 }
 
 impl Structure {
-    /// Runs the model once on two tokens with a recording trace.
-    pub(crate) fn record(model: &Model) -> Result<Self> {
-        let n = model.modules.len();
-        let ctx = Ctx::new(n, true);
-        let ids = Tensor::new(
-            &[[0u32, 1u32.min(model.vocab_size as u32 - 1)]],
-            &model.device,
-        )?;
+    /// Records the structure of a network with `n_modules` modules while `forward` runs (a short
+    /// forward of the network, given by the implementer of [`super::Target`]).
+    pub fn record(
+        n_modules: usize,
+        forward: impl FnOnce() -> candle_core::Result<()>,
+    ) -> Result<Self> {
+        let ctx = Ctx::new(n_modules, true, &[]);
         {
             // SAFETY: `ctx` lives on this frame for the guard's whole life.
             let _act = unsafe { Activation::new(&ctx) };
-            model.net.forward(&ids, None)?;
+            forward()?;
         }
         let nodes = ctx.nodes.into_inner();
         fn build(nodes: &[super::requests::Node], i: u32) -> Option<SNode> {
