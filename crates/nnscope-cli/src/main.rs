@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod generate_cmd;
+
 #[derive(Parser)]
 #[command(
     name = "nnscope",
@@ -40,6 +42,8 @@ enum Cmd {
         #[arg(long, default_value = "float32")]
         dtype: String,
     },
+    /// Generate tokens with the key/value cache, saving hookpoint values at every step.
+    Generate(generate_cmd::GenerateArgs),
     /// Run the seed's testing checklist on the model's registered attention-probability hookpoint.
     Check {
         /// Model folder or hub id.
@@ -116,9 +120,11 @@ fn read_inputs(path: &Path) -> Result<Input, String> {
         .ok_or_else(|| format!("{}: no tensor `input_ids`", path.display()))?
         .clone();
     let mask = tensors.get("attention_mask").cloned();
+    let position_ids = tensors.get("position_ids").cloned();
     Ok(Input::Ids {
         input_ids: ids,
         attention_mask: mask,
+        position_ids,
     })
 }
 
@@ -327,6 +333,7 @@ fn main() -> ExitCode {
             out,
             dtype,
         } => run(&model, prompts, inputs, saves, out, &dtype),
+        Cmd::Generate(args) => generate_cmd::generate(args),
         Cmd::Source { model, path } => source(&model, &path),
         Cmd::FindAttnProbs { model, json } => find_attn_probs(&model, json),
         Cmd::Check { model, json } => match check(&model, json) {

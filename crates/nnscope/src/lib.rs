@@ -27,6 +27,7 @@ mod alloc;
 pub mod config;
 pub mod discover;
 mod error;
+pub mod generate;
 pub mod hub;
 mod model;
 pub mod models;
@@ -37,6 +38,7 @@ pub mod trace;
 
 pub use alloc::keep_freed_memory;
 pub use error::{nearest, Error, Result};
+pub use generate::{GenerateOptions, GenerateOutput};
 pub use model::{Input, LoadOptions, Model};
 pub use session::{PlanBuilder, Trace, TraceOutput};
 pub use trace::{Plan, StepOutput, Steps};

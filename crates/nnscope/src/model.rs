@@ -42,12 +42,16 @@ impl Default for LoadOptions {
 pub enum Input {
     /// Prompts, batched with left padding.
     Prompts(Vec<String>),
-    /// Token ids [B, T] (integers) and an optional 0/1 attention mask [B, T].
+    /// Token ids [B, T] (integers), an optional 0/1 attention mask [B, T] and optional explicit
+    /// position ids [B, T] (default: `cumsum(attention_mask) - 1`, 1 at padding, as transformers'
+    /// `generate()` computes them, so a row of a left-padded batch equals its prompt alone).
     Ids {
         /// [B, T].
         input_ids: Tensor,
         /// [B, T], 1 for real tokens.
         attention_mask: Option<Tensor>,
+        /// [B, T] integer positions.
+        position_ids: Option<Tensor>,
     },
 }
 
@@ -61,6 +65,7 @@ impl Input {
         Input::Ids {
             input_ids,
             attention_mask: None,
+            position_ids: None,
         }
     }
 }
@@ -313,16 +318,69 @@ impl Model {
     /// A plain forward: logits [B, T, vocab].
     pub fn forward(&self, input: &Input) -> Result<Tensor> {
         let (ids, mask) = self.encode(input)?;
-        Ok(self.run_net(&ids, mask.as_ref())?)
+        let positions = self.input_positions(input, &ids)?;
+        Ok(self.run_net(&ids, mask.as_ref(), positions.as_ref(), None)?)
     }
 
-    /// The network's forward on encoded input: the one place that calls it.
+    /// Explicit position ids of an input, checked against its token ids ([B, T] integers).
+    pub fn input_positions(&self, input: &Input, ids: &Tensor) -> Result<Option<Tensor>> {
+        let Input::Ids {
+            position_ids: Some(p),
+            ..
+        } = input
+        else {
+            return Ok(None);
+        };
+        if p.dims() != ids.dims() {
+            return Err(Error::Input(format!(
+                "position_ids has shape {:?} but input_ids has shape {:?}",
+                p.dims(),
+                ids.dims()
+            )));
+        }
+        if p.dtype().is_float() {
+            return Err(Error::Input(format!(
+                "position_ids must be integers, got {:?}",
+                p.dtype()
+            )));
+        }
+        let v = p.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
+        if let Some(bad) = v.iter().find(|x| **x < 0) {
+            return Err(Error::Input(format!(
+                "position_ids must be non-negative, found {bad}"
+            )));
+        }
+        if let (Some(max), Some(top)) = (self.max_positions(), v.iter().max()) {
+            if *top as usize >= max {
+                return Err(Error::Input(format!(
+                    "position id {top} is past the {max} positions this model supports ({})",
+                    self.arch.model_type
+                )));
+            }
+        }
+        Ok(Some(p.to_dtype(DType::I64)?.to_device(&self.device)?))
+    }
+
+    /// The one place the network runs: positions default to `cumsum(mask) - 1` over the cached and
+    /// new tokens (pads at 1); `mask` covers past + new tokens when a cache is given.
     pub(crate) fn run_net(
         &self,
         ids: &Tensor,
         mask: Option<&Tensor>,
+        positions: Option<&Tensor>,
+        cache: Option<&crate::nn::KvCache>,
     ) -> candle_core::Result<Tensor> {
-        self.net.forward(ids, mask)
+        let (b, t) = ids.dims2()?;
+        let computed;
+        let positions = match positions {
+            Some(p) => p,
+            None => {
+                let past = crate::nn::past_len(cache);
+                computed = crate::nn::positions_from_mask(mask, b, past, t, &self.device)?;
+                &computed
+            }
+        };
+        self.net.forward(ids, mask, positions, cache)
     }
 
     /// The token ids and attention mask for an input, validated.
@@ -332,6 +390,7 @@ impl Model {
             Input::Ids {
                 input_ids,
                 attention_mask,
+                ..
             } => {
                 self.check_ids(input_ids, attention_mask.as_ref())?;
                 let ids = input_ids.to_dtype(DType::U32)?.to_device(&self.device)?;
@@ -411,10 +470,12 @@ impl Model {
 
     /// The longest sequence the model can take, where it has a hard limit (learned positions).
     pub fn max_positions(&self) -> Option<usize> {
-        match self.arch.model_type {
-            "gpt2" | "gptj" => self.config.opt_usize("n_positions").ok().flatten(),
-            _ => None,
-        }
+        self.net.dims().max_positions
+    }
+
+    /// The model's sizes.
+    pub fn dims(&self) -> crate::models::Dims {
+        self.net.dims()
     }
 
     /// The id used for left padding: the tokenizer's pad token, else config's `pad_token_id`,
@@ -533,7 +594,9 @@ impl Model {
                     &[[0u32, 1u32.min(self.vocab_size as u32 - 1)]],
                     &self.device,
                 )?;
-                Structure::record(self.modules.len(), || self.run_net(&ids, None).map(|_| ()))
+                Structure::record(self.modules.len(), || {
+                    self.run_net(&ids, None, None, None).map(|_| ())
+                })
             };
             record().map_err(|e| e.to_string())
         });

@@ -425,9 +425,12 @@ impl Model {
     /// Runs `plan` (made for this model) once on `input`, as step 0: one forward.
     pub fn run_plan(&self, plan: &Plan, input: &Input) -> Result<TraceOutput> {
         let (ids, mask) = self.encode(input)?;
+        let positions = self.input_positions(input, &ids)?;
         let (b, t) = ids.dims2()?;
         plan.check_memory(self, b, t)?;
-        let out = plan.run(0, || self.run_net(&ids, mask.as_ref()))?;
+        let out = plan.run(0, || {
+            self.run_net(&ids, mask.as_ref(), positions.as_ref(), None)
+        })?;
         Ok(TraceOutput {
             logits: out.output,
             input_ids: ids,

@@ -393,13 +393,12 @@ impl Model {
 
     /// Number of attention heads.
     pub fn num_heads(&self) -> Result<usize> {
-        self.config
-            .usize(&["num_attention_heads", "n_head", "n_heads"])
+        Ok(self.dims().heads)
     }
 
     /// Hidden size.
     pub fn hidden_size(&self) -> Result<usize> {
-        self.config.usize(&["hidden_size", "n_embd", "d_model"])
+        Ok(self.dims().hidden)
     }
 }
 

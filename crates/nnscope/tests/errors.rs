@@ -571,6 +571,7 @@ fn mask_shape_mismatch() {
     let input = Input::Ids {
         input_ids: Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap(),
         attention_mask: Some(Tensor::new(&[[1u32, 1]], &Device::Cpu).unwrap()),
+        position_ids: None,
     };
     let e = m.trace(input).run().unwrap_err();
     assert!(matches!(e, Error::Input(_)), "{e:?}");
@@ -586,6 +587,7 @@ fn mask_values_must_be_zero_or_one() {
     let input = Input::Ids {
         input_ids: Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap(),
         attention_mask: Some(Tensor::new(&[[1f32, 0.5, 1.0]], &Device::Cpu).unwrap()),
+        position_ids: None,
     };
     let e = m.forward(&input).unwrap_err();
     assert_has(

@@ -103,6 +103,7 @@ fn a_plan_reused_equals_fresh_traces() {
             .forward(&Input::Ids {
                 input_ids: reused.input_ids.clone(),
                 attention_mask: reused.attention_mask.clone(),
+                position_ids: None,
             })
             .unwrap();
         assert!(max_diff(reused.logits.as_ref().unwrap(), &plain) > 1e-4);

@@ -6,9 +6,9 @@
 //! [B, T, H, 3, D]. The attention probabilities are the output of the module dropout
 //! `self.attention_dropout`, the seed's `attentions.L.source.self_attention_dropout_0`.
 
-use super::CausalLM;
+use super::{CausalLM, Dims};
 use crate::config::Config;
-use crate::nn::{mask, Builder, Dropout, Embedding, LayerNorm, Linear};
+use crate::nn::{self, mask, Builder, Dropout, Embedding, KvCache, LayerNorm, Linear};
 use crate::trace::{hooked, Scope};
 use candle_core::{DType, Device, Result, Tensor, D};
 
@@ -122,8 +122,10 @@ pub fn _get_alibi_slopes(num_heads: usize) -> Vec<f32> {
     slopes
 }
 
-/// `build_alibi_tensor`: [B * H, 1, T] with `slope[h] * ((cumsum(mask) - 1) * mask)[b, k]`; without a
-/// mask the positions are 0..T for every row (transformers' no-padding path).
+/// `build_alibi_tensor`: [B * H, 1, K] with `slope[h] * ((cumsum(mask) - 1) * mask)[b, k]` over the
+/// K = past + T keys of the [B, past + T] mask; without a mask the positions are 0..K for every row
+/// (transformers' no-padding path). ALiBi depends only on the key, so every query row (the new
+/// tokens of a cached step included) shares it.
 #[hooked]
 pub fn build_alibi_tensor(
     attention_mask: Option<&Tensor>,
@@ -135,7 +137,15 @@ pub fn build_alibi_tensor(
 ) -> Result<Tensor> {
     let slopes = _get_alibi_slopes(num_heads);
     let rows: Vec<Vec<i64>> = match attention_mask {
-        Some(m) => m.to_dtype(DType::I64)?.to_vec2::<i64>()?,
+        Some(m) => {
+            let (b, k) = m.dims2()?;
+            if b != batch_size || k != seq_length {
+                candle_core::bail!(
+                    "attention mask has shape [{b}, {k}], expected [{batch_size}, {seq_length}] (batch, past + new tokens)"
+                );
+            }
+            m.to_dtype(DType::I64)?.to_vec2::<i64>()?
+        }
         None => vec![vec![1; seq_length]; batch_size],
     };
     let data = alibi_values(&rows, &slopes);
@@ -235,11 +245,12 @@ pub struct BloomAttention {
     hidden_dropout: f64,
     inv_norm_factor: f64,
     beta: f64,
+    layer_idx: usize,
     scope: Scope,
 }
 
 impl BloomAttention {
-    fn new(cfg: &BloomConfig, vb: Builder) -> Result<Self> {
+    fn new(cfg: &BloomConfig, layer_idx: usize, vb: Builder) -> Result<Self> {
         let h = cfg.hidden_size;
         let head_dim = h / cfg.n_head;
         Ok(BloomAttention {
@@ -254,6 +265,7 @@ impl BloomAttention {
             hidden_dropout: cfg.hidden_dropout,
             inv_norm_factor: 1.0 / (head_dim as f64).sqrt(),
             beta: 1.0,
+            layer_idx,
             scope: vb.scope::<Self>(),
         })
     }
@@ -288,10 +300,18 @@ impl BloomAttention {
         residual: &Tensor,
         alibi: &Tensor,
         attention_mask: Option<&Tensor>,
+        past_key_values: Option<&KvCache>,
     ) -> Result<Tensor> {
         let (batch_size, q_length, _) = hidden_states.dims3()?;
         let fused_qkv = self.query_key_value.forward(hidden_states)?;
         let (query_layer, key_layer, value_layer) = self._reshape(&fused_qkv)?;
+
+        let (key_layer, value_layer) = match past_key_values {
+            Some(past_key_values) => {
+                past_key_values.update(&key_layer, &value_layer, self.layer_idx)?
+            }
+            None => (key_layer, value_layer),
+        };
 
         let bh = batch_size * self.num_heads;
         let query_layer = query_layer.reshape((bh, (), self.head_dim))?;
@@ -403,6 +423,7 @@ impl BloomBlock {
         hidden_states: &Tensor,
         alibi: &Tensor,
         attention_mask: Option<&Tensor>,
+        past_key_values: Option<&KvCache>,
     ) -> Result<Tensor> {
         // Layer norm at the beginning of the transformer layer.
         let layernorm_output = self.input_layernorm.forward(hidden_states)?;
@@ -413,9 +434,13 @@ impl BloomBlock {
             hidden_states
         };
 
-        let attention_output =
-            self.self_attention
-                .forward(&layernorm_output, residual, alibi, attention_mask)?;
+        let attention_output = self.self_attention.forward(
+            &layernorm_output,
+            residual,
+            alibi,
+            attention_mask,
+            past_key_values,
+        )?;
 
         let layernorm_output = self.post_attention_layernorm.forward(&attention_output)?;
 
@@ -441,17 +466,26 @@ pub struct BloomModel {
 
 #[hooked]
 impl BloomModel {
-    /// Hidden states after `ln_f` [B, T, hidden].
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+    /// Hidden states after `ln_f` [B, T, hidden]. Positions come from the mask (ALiBi), so
+    /// `position_ids` is not read, as in transformers.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        _position_ids: &Tensor,
+        past_key_values: Option<&KvCache>,
+    ) -> Result<Tensor> {
         let inputs_embeds = self.word_embeddings.forward(input_ids)?;
         let (batch_size, seq_length, _) = inputs_embeds.dims3()?;
+        let past_length = nn::past_len(past_key_values);
+        let seq_length_with_past = seq_length + past_length;
 
         let mut hidden_states = self.word_embeddings_layernorm.forward(&inputs_embeds)?;
 
         let alibi = build_alibi_tensor(
             attention_mask,
             batch_size,
-            seq_length,
+            seq_length_with_past,
             self.num_heads,
             hidden_states.dtype(),
             hidden_states.device(),
@@ -461,13 +495,15 @@ impl BloomModel {
             attention_mask,
             batch_size,
             seq_length,
+            past_length,
             None,
             inputs_embeds.dtype(),
             inputs_embeds.device(),
         )?;
 
         for block in self.h.iter() {
-            hidden_states = block.forward(&hidden_states, &alibi, Some(&causal_mask))?;
+            hidden_states =
+                block.forward(&hidden_states, &alibi, Some(&causal_mask), past_key_values)?;
         }
 
         self.ln_f.forward(&hidden_states)
@@ -478,21 +514,46 @@ impl BloomModel {
 pub struct BloomForCausalLM {
     transformer: BloomModel,
     lm_head: Linear,
+    dims: Dims,
     scope: Scope,
 }
 
 #[hooked]
 impl BloomForCausalLM {
     /// Logits [B, T, vocab].
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        let hidden_states = self.transformer.forward(input_ids, attention_mask)?;
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: &Tensor,
+        past_key_values: Option<&KvCache>,
+    ) -> Result<Tensor> {
+        let hidden_states =
+            self.transformer
+                .forward(input_ids, attention_mask, position_ids, past_key_values)?;
         self.lm_head.forward(&hidden_states)
     }
 }
 
 impl CausalLM for BloomForCausalLM {
-    fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        BloomForCausalLM::forward(self, input_ids, attention_mask)
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: &Tensor,
+        past_key_values: Option<&KvCache>,
+    ) -> Result<Tensor> {
+        BloomForCausalLM::forward(
+            self,
+            input_ids,
+            attention_mask,
+            position_ids,
+            past_key_values,
+        )
+    }
+
+    fn dims(&self) -> Dims {
+        self.dims
     }
 }
 
@@ -518,7 +579,7 @@ pub fn load(config: &Config, vb: Builder) -> crate::Result<Box<dyn CausalLM>> {
     for i in 0..cfg.n_layer {
         let vb_l = vb_t.pp("h").pp(i);
         let input_layernorm = LayerNorm::new(h_size, eps, true, vb_l.pp("input_layernorm"))?;
-        let self_attention = BloomAttention::new(&cfg, vb_l.pp("self_attention"))?;
+        let self_attention = BloomAttention::new(&cfg, i, vb_l.pp("self_attention"))?;
         let post_attention_layernorm =
             LayerNorm::new(h_size, eps, true, vb_l.pp("post_attention_layernorm"))?;
         let vb_mlp = vb_l.pp("mlp");
@@ -563,6 +624,15 @@ pub fn load(config: &Config, vb: Builder) -> crate::Result<Box<dyn CausalLM>> {
     Ok(Box::new(BloomForCausalLM {
         transformer,
         lm_head,
+        dims: Dims {
+            layers: cfg.n_layer,
+            heads: cfg.n_head,
+            kv_heads: cfg.n_head,
+            head_dim: cfg.hidden_size / cfg.n_head,
+            hidden: cfg.hidden_size,
+            vocab: cfg.vocab_size,
+            max_positions: None,
+        },
         scope: root.scope::<BloomForCausalLM>(),
     }))
 }

@@ -11,13 +11,13 @@
 //! `lm_head`. The experts' GLU weights are fused 2-D tensors `w1`, `v1`, `w2` of shape
 //! [num_experts * ffn_hidden_size, d_model]; only the experts some token is routed to are computed.
 
-use super::llama::repeat_kv;
 use super::qwen2_moe::expert_hits;
-use super::CausalLM;
+use super::{CausalLM, Dims};
 use crate::config::Config;
 use crate::nn::functional as F;
+use crate::nn::repeat_kv;
 use crate::nn::rope::{self, apply_rotary_pos_emb};
-use crate::nn::{self, mask, Activation, Builder, Embedding, LayerNorm, Linear};
+use crate::nn::{self, mask, Activation, Builder, Embedding, KvCache, LayerNorm, Linear};
 use crate::trace::{hooked, Scope};
 use candle_core::{Result, Tensor, D};
 
@@ -189,11 +189,12 @@ pub struct DbrxAttention {
     clip_qkv: Option<f64>,
     scaling: f64,
     attn_pdrop: f64,
+    layer_idx: usize,
     scope: Scope,
 }
 
 impl DbrxAttention {
-    fn new(cfg: &DbrxConfig, vb: Builder) -> Result<Self> {
+    fn new(cfg: &DbrxConfig, layer_idx: usize, vb: Builder) -> Result<Self> {
         let hidden_size = cfg.d_model;
         let head_dim = hidden_size / cfg.n_heads;
         let qkv = hidden_size + 2 * cfg.kv_n_heads * head_dim;
@@ -208,6 +209,7 @@ impl DbrxAttention {
             clip_qkv: cfg.clip_qkv,
             scaling: (head_dim as f64).powf(-0.5),
             attn_pdrop: cfg.attn_pdrop,
+            layer_idx,
             scope: vb.scope::<Self>(),
         })
     }
@@ -222,6 +224,7 @@ impl DbrxAttention {
         hidden_states: &Tensor,
         attention_mask: Option<&Tensor>,
         position_embeddings: &(Tensor, Tensor),
+        past_key_values: Option<&KvCache>,
     ) -> Result<Tensor> {
         let (bsz, q_len, _) = hidden_states.dims3()?;
 
@@ -249,6 +252,12 @@ impl DbrxAttention {
         let (cos, sin) = position_embeddings;
         let (query_states, key_states) =
             apply_rotary_pos_emb(&query_states, &key_states, cos, sin)?;
+        let (key_states, value_states) = match past_key_values {
+            Some(past_key_values) => {
+                past_key_values.update(&key_states, &value_states, self.layer_idx)?
+            }
+            None => (key_states, value_states),
+        };
 
         let key_states = repeat_kv(&key_states, self.num_key_value_groups)?;
         let value_states = repeat_kv(&value_states, self.num_key_value_groups)?;
@@ -288,6 +297,7 @@ impl DbrxNormAttentionNorm {
         hidden_states: &Tensor,
         position_embeddings: &(Tensor, Tensor),
         attention_mask: Option<&Tensor>,
+        past_key_values: Option<&KvCache>,
     ) -> Result<(Tensor, Tensor)> {
         let residual_states = hidden_states;
         let hidden_states = self
@@ -295,9 +305,12 @@ impl DbrxNormAttentionNorm {
             .forward(hidden_states)?
             .to_dtype(hidden_states.dtype())?;
 
-        let hidden_states =
-            self.attn
-                .forward(&hidden_states, attention_mask, position_embeddings)?;
+        let hidden_states = self.attn.forward(
+            &hidden_states,
+            attention_mask,
+            position_embeddings,
+            past_key_values,
+        )?;
 
         let hidden_states = nn::functional::dropout(&hidden_states, self.resid_pdrop)?;
         let hidden_states = (hidden_states + residual_states)?;
@@ -456,10 +469,14 @@ impl DbrxBlock {
         hidden_states: &Tensor,
         attention_mask: Option<&Tensor>,
         position_embeddings: &(Tensor, Tensor),
+        past_key_values: Option<&KvCache>,
     ) -> Result<Tensor> {
-        let (resid_states, hidden_states) =
-            self.norm_attn_norm
-                .forward(hidden_states, position_embeddings, attention_mask)?;
+        let (resid_states, hidden_states) = self.norm_attn_norm.forward(
+            hidden_states,
+            position_embeddings,
+            attention_mask,
+            past_key_values,
+        )?;
 
         let hidden_states = self.ffn.forward(&hidden_states)?;
         let hidden_states = nn::functional::dropout(&hidden_states, self.resid_pdrop)?;
@@ -479,16 +496,35 @@ pub struct DbrxModel {
 #[hooked]
 impl DbrxModel {
     /// Hidden states after the final norm [B, T, d_model].
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: &Tensor,
+        past_key_values: Option<&KvCache>,
+    ) -> Result<Tensor> {
         let inputs_embeds = self.wte.forward(input_ids)?;
         let (batch, seq_len) = input_ids.dims2()?;
         let (dtype, device) = (inputs_embeds.dtype(), inputs_embeds.device());
-        let causal_mask = mask::causal_mask(attention_mask, batch, seq_len, None, dtype, device)?;
-        let position_embeddings = self.rotary_emb.cos_sin(seq_len, dtype, device)?;
+        let past_seen_tokens = nn::past_len(past_key_values);
+        let causal_mask = mask::causal_mask(
+            attention_mask,
+            batch,
+            seq_len,
+            past_seen_tokens,
+            None,
+            dtype,
+            device,
+        )?;
+        let position_embeddings = self.rotary_emb.cos_sin(position_ids, dtype, device)?;
         let mut hidden_states = inputs_embeds;
         for decoder_layer in self.blocks.iter() {
-            hidden_states =
-                decoder_layer.forward(&hidden_states, Some(&causal_mask), &position_embeddings)?;
+            hidden_states = decoder_layer.forward(
+                &hidden_states,
+                Some(&causal_mask),
+                &position_embeddings,
+                past_key_values,
+            )?;
         }
         self.norm_f.forward(&hidden_states)
     }
@@ -498,29 +534,54 @@ impl DbrxModel {
 pub struct DbrxForCausalLM {
     transformer: DbrxModel,
     lm_head: Linear,
+    dims: Dims,
     scope: Scope,
 }
 
 #[hooked]
 impl DbrxForCausalLM {
     /// Logits [B, T, vocab].
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        let hidden_states = self.transformer.forward(input_ids, attention_mask)?;
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: &Tensor,
+        past_key_values: Option<&KvCache>,
+    ) -> Result<Tensor> {
+        let hidden_states =
+            self.transformer
+                .forward(input_ids, attention_mask, position_ids, past_key_values)?;
         self.lm_head.forward(&hidden_states)
     }
 }
 
 impl CausalLM for DbrxForCausalLM {
-    fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        DbrxForCausalLM::forward(self, input_ids, attention_mask)
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: &Tensor,
+        past_key_values: Option<&KvCache>,
+    ) -> Result<Tensor> {
+        DbrxForCausalLM::forward(
+            self,
+            input_ids,
+            attention_mask,
+            position_ids,
+            past_key_values,
+        )
+    }
+
+    fn dims(&self) -> Dims {
+        self.dims
     }
 }
 
-fn load_block(cfg: &DbrxConfig, vb: Builder) -> Result<DbrxBlock> {
+fn load_block(cfg: &DbrxConfig, layer_idx: usize, vb: Builder) -> Result<DbrxBlock> {
     let d = cfg.d_model;
     let vn = vb.pp("norm_attn_norm");
     let norm_1 = LayerNorm::new(d, LAYER_NORM_EPS, false, vn.pp("norm_1"))?;
-    let attn = DbrxAttention::new(cfg, vn.pp("attn"))?;
+    let attn = DbrxAttention::new(cfg, layer_idx, vn.pp("attn"))?;
     let norm_2 = LayerNorm::new(d, LAYER_NORM_EPS, false, vn.pp("norm_2"))?;
     let norm_attn_norm = DbrxNormAttentionNorm {
         norm_1,
@@ -576,7 +637,7 @@ pub fn load(config: &Config, vb: Builder) -> crate::Result<Box<dyn CausalLM>> {
     let wte = Embedding::new(cfg.vocab_size, cfg.d_model, vt.pp("wte"))?;
     let mut blocks = Vec::with_capacity(cfg.n_layers);
     for i in 0..cfg.n_layers {
-        blocks.push(load_block(&cfg, vt.pp("blocks").pp(i))?);
+        blocks.push(load_block(&cfg, i, vt.pp("blocks").pp(i))?);
     }
     let norm_f = LayerNorm::new(cfg.d_model, LAYER_NORM_EPS, false, vt.pp("norm_f"))?;
     let rotary_emb = rope::RotaryEmbedding::new(cfg.rope.clone(), cfg.d_model / cfg.n_heads)?;
@@ -591,6 +652,15 @@ pub fn load(config: &Config, vb: Builder) -> crate::Result<Box<dyn CausalLM>> {
     Ok(Box::new(DbrxForCausalLM {
         transformer,
         lm_head,
+        dims: Dims {
+            layers: cfg.n_layers,
+            heads: cfg.n_heads,
+            kv_heads: cfg.kv_n_heads,
+            head_dim: cfg.d_model / cfg.n_heads,
+            hidden: cfg.d_model,
+            vocab: cfg.vocab_size,
+            max_positions: None,
+        },
         scope: root.scope::<DbrxForCausalLM>(),
     }))
 }

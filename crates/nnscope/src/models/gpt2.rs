@@ -3,9 +3,11 @@
 //! The attention interface calls `module.attn_dropout(attn_weights)` as transformers 4.x did, so the
 //! seed's path `attention_interface_0.source.module_attn_dropout_0` is the attention probabilities.
 
-use super::CausalLM;
+use super::{CausalLM, Dims};
 use crate::config::Config;
-use crate::nn::{self, mask, Activation, Builder, Conv1D, Dropout, Embedding, LayerNorm, Linear};
+use crate::nn::{
+    self, mask, Activation, Builder, Conv1D, Dropout, Embedding, KvCache, LayerNorm, Linear,
+};
 use crate::trace::{hooked, Scope};
 use candle_core::{DType, Result, Tensor, D};
 
@@ -119,6 +121,7 @@ pub struct GPT2Attention {
     split_size: usize,
     scaling: f64,
     reorder_and_upcast_attn: bool,
+    layer_idx: usize,
     scope: Scope,
 }
 
@@ -143,6 +146,7 @@ impl GPT2Attention {
             split_size: embed_dim,
             scaling,
             reorder_and_upcast_attn: cfg.reorder_and_upcast_attn,
+            layer_idx,
             scope: vb.scope::<Self>(),
         })
     }
@@ -177,6 +181,7 @@ impl GPT2Attention {
         &self,
         hidden_states: &Tensor,
         attention_mask: Option<&Tensor>,
+        past_key_values: Option<&KvCache>,
     ) -> Result<Tensor> {
         let (b, t, _) = hidden_states.dims3()?;
         let qkv = self.c_attn.forward(hidden_states)?;
@@ -187,6 +192,12 @@ impl GPT2Attention {
         let query_states = query_states.reshape(shape)?.transpose(1, 2)?.contiguous()?;
         let key_states = key_states.reshape(shape)?.transpose(1, 2)?.contiguous()?;
         let value_states = value_states.reshape(shape)?.transpose(1, 2)?.contiguous()?;
+        let (key_states, value_states) = match past_key_values {
+            Some(past_key_values) => {
+                past_key_values.update(&key_states, &value_states, self.layer_idx)?
+            }
+            None => (key_states, value_states),
+        };
 
         let (attn_output, _attn_weights) = if self.reorder_and_upcast_attn {
             self._upcast_and_reordered_attn(
@@ -248,10 +259,13 @@ impl GPT2Block {
         &self,
         hidden_states: &Tensor,
         attention_mask: Option<&Tensor>,
+        past_key_values: Option<&KvCache>,
     ) -> Result<Tensor> {
         let residual = hidden_states;
         let hidden_states = self.ln_1.forward(hidden_states)?;
-        let attn_output = self.attn.forward(&hidden_states, attention_mask)?;
+        let attn_output = self
+            .attn
+            .forward(&hidden_states, attention_mask, past_key_values)?;
         let hidden_states = (attn_output + residual)?;
 
         let residual = &hidden_states;
@@ -274,24 +288,29 @@ pub struct GPT2Model {
 #[hooked]
 impl GPT2Model {
     /// Hidden states after `ln_f` [B, T, n_embd].
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: &Tensor,
+        past_key_values: Option<&KvCache>,
+    ) -> Result<Tensor> {
         let (batch, seq_len) = input_ids.dims2()?;
         let inputs_embeds = self.wte.forward(input_ids)?;
-        let position_ids =
-            Tensor::arange(0u32, seq_len as u32, input_ids.device())?.unsqueeze(0)?;
-        let position_embeds = self.wpe.forward(&position_ids)?;
+        let position_embeds = self.wpe.forward(position_ids)?;
         let hidden_states = inputs_embeds.broadcast_add(&position_embeds)?;
         let causal_mask = mask::causal_mask(
             attention_mask,
             batch,
             seq_len,
+            nn::past_len(past_key_values),
             None,
             hidden_states.dtype(),
             hidden_states.device(),
         )?;
         let mut hidden_states = self.drop.forward(&hidden_states)?;
         for block in self.h.iter() {
-            hidden_states = block.forward(&hidden_states, Some(&causal_mask))?;
+            hidden_states = block.forward(&hidden_states, Some(&causal_mask), past_key_values)?;
         }
         self.ln_f.forward(&hidden_states)
     }
@@ -301,14 +320,23 @@ impl GPT2Model {
 pub struct GPT2LMHeadModel {
     transformer: GPT2Model,
     lm_head: Linear,
+    dims: Dims,
     scope: Scope,
 }
 
 #[hooked]
 impl GPT2LMHeadModel {
     /// Logits [B, T, vocab].
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        let hidden_states = self.transformer.forward(input_ids, attention_mask)?;
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: &Tensor,
+        past_key_values: Option<&KvCache>,
+    ) -> Result<Tensor> {
+        let hidden_states =
+            self.transformer
+                .forward(input_ids, attention_mask, position_ids, past_key_values)?;
         self.lm_head.forward(&hidden_states)
     }
 }
@@ -320,8 +348,24 @@ pub const UPCAST_ATTENTION_PROBABILITIES: &str =
     "source.self__upcast_and_reordered_attn_0.source.self_attn_dropout_0";
 
 impl CausalLM for GPT2LMHeadModel {
-    fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        GPT2LMHeadModel::forward(self, input_ids, attention_mask)
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: &Tensor,
+        past_key_values: Option<&KvCache>,
+    ) -> Result<Tensor> {
+        GPT2LMHeadModel::forward(
+            self,
+            input_ids,
+            attention_mask,
+            position_ids,
+            past_key_values,
+        )
+    }
+
+    fn dims(&self) -> Dims {
+        self.dims
     }
 
     fn attention_probabilities(&self) -> Option<&'static str> {
@@ -388,6 +432,15 @@ pub fn load(config: &Config, vb: Builder) -> crate::Result<Box<dyn CausalLM>> {
     Ok(Box::new(GPT2LMHeadModel {
         transformer,
         lm_head,
+        dims: Dims {
+            layers: cfg.n_layer,
+            heads: cfg.n_head,
+            kv_heads: cfg.n_head,
+            head_dim: cfg.n_embd / cfg.n_head,
+            hidden: cfg.n_embd,
+            vocab: cfg.vocab_size,
+            max_positions: Some(cfg.n_positions),
+        },
         scope: root.scope::<GPT2LMHeadModel>(),
     }))
 }

@@ -11,13 +11,13 @@
 //! [B, H, Q, K + 1], the sink column last. What multiplies V is the output of
 //! `attention_interface_0.source.nn_functional_dropout_0` ([B, H, Q, K], sink dropped).
 
-use super::llama::repeat_kv;
 use super::qwen2_moe::expert_hits;
-use super::CausalLM;
+use super::{CausalLM, Dims};
 use crate::config::Config;
 use crate::nn::functional as F;
+use crate::nn::repeat_kv;
 use crate::nn::rope;
-use crate::nn::{self, mask, Builder, Embedding, Linear};
+use crate::nn::{self, mask, Builder, Embedding, KvCache, Linear};
 use crate::trace::{hooked, Scope};
 use candle_core::{DType, Result, Tensor, D};
 
@@ -219,7 +219,7 @@ pub fn _apply_rotary_emb(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tenso
     Tensor::cat(&[&first_, &second_], D::Minus1)
 }
 
-/// Applies the rotary embedding to q and k ([B, H, T, D]); cos/sin are [1, T, D/2].
+/// Applies the rotary embedding to q and k ([B, H, T, D]); cos/sin are [B, T, D/2].
 #[hooked]
 pub fn apply_rotary_pos_emb(
     q: &Tensor,
@@ -288,11 +288,12 @@ pub struct GptOssAttention {
     pub num_key_value_groups: usize,
     scaling: f64,
     attention_dropout: f64,
+    layer_idx: usize,
     scope: Scope,
 }
 
 impl GptOssAttention {
-    fn new(cfg: &GptOssConfig, vb: Builder) -> Result<Self> {
+    fn new(cfg: &GptOssConfig, layer_idx: usize, vb: Builder) -> Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let bias = cfg.attention_bias;
@@ -306,6 +307,7 @@ impl GptOssAttention {
             num_key_value_groups: nh / nkv,
             scaling: (hd as f64).powf(-0.5),
             attention_dropout: cfg.attention_dropout,
+            layer_idx,
             scope: vb.scope::<Self>(),
         })
     }
@@ -319,6 +321,7 @@ impl GptOssAttention {
         hidden_states: &Tensor,
         position_embeddings: &(Tensor, Tensor),
         attention_mask: Option<&Tensor>,
+        past_key_values: Option<&KvCache>,
     ) -> Result<Tensor> {
         let (b, t, _) = hidden_states.dims3()?;
         let hidden_shape = (b, t, (), self.head_dim);
@@ -341,6 +344,12 @@ impl GptOssAttention {
         let (cos, sin) = position_embeddings;
         let (query_states, key_states) =
             apply_rotary_pos_emb(&query_states, &key_states, cos, sin)?;
+        let (key_states, value_states) = match past_key_values {
+            Some(past_key_values) => {
+                past_key_values.update(&key_states, &value_states, self.layer_idx)?
+            }
+            None => (key_states, value_states),
+        };
 
         let attention_interface = eager_attention_forward;
         let (attn_output, _attn_weights) = attention_interface(
@@ -518,12 +527,16 @@ impl GptOssDecoderLayer {
         hidden_states: &Tensor,
         attention_mask: Option<&Tensor>,
         position_embeddings: &(Tensor, Tensor),
+        past_key_values: Option<&KvCache>,
     ) -> Result<Tensor> {
         let residual = hidden_states;
         let hidden_states = self.input_layernorm.forward(hidden_states)?;
-        let hidden_states =
-            self.self_attn
-                .forward(&hidden_states, position_embeddings, attention_mask)?;
+        let hidden_states = self.self_attn.forward(
+            &hidden_states,
+            position_embeddings,
+            attention_mask,
+            past_key_values,
+        )?;
         let hidden_states = (residual + hidden_states)?;
 
         let residual = &hidden_states;
@@ -546,20 +559,28 @@ pub struct GptOssModel {
 #[hooked]
 impl GptOssModel {
     /// Hidden states after the final norm [B, T, hidden].
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: &Tensor,
+        past_key_values: Option<&KvCache>,
+    ) -> Result<Tensor> {
         let inputs_embeds = self.embed_tokens.forward(input_ids)?;
         let (batch, seq_len) = input_ids.dims2()?;
         let (dtype, device) = (inputs_embeds.dtype(), inputs_embeds.device());
+        let past_seen_tokens = nn::past_len(past_key_values);
         let causal_mask_mapping = mask::CausalMasks::new(
             attention_mask,
             batch,
             seq_len,
+            past_seen_tokens,
             &self.sliding_window,
             dtype,
             device,
         )?;
         // GPT-OSS's rotary embedding returns the frequencies once ([.., D/2]), not duplicated.
-        let (cos, sin) = self.rotary_emb.cos_sin(seq_len, dtype, device)?;
+        let (cos, sin) = self.rotary_emb.cos_sin(position_ids, dtype, device)?;
         let half = cos.dim(D::Minus1)? / 2;
         let position_embeddings = (
             cos.narrow(D::Minus1, 0, half)?,
@@ -568,8 +589,12 @@ impl GptOssModel {
         let mut hidden_states = inputs_embeds;
         for (decoder_layer, window) in self.layers.iter().zip(self.sliding_window.iter()) {
             let layer_mask = causal_mask_mapping.for_layer(*window);
-            hidden_states =
-                decoder_layer.forward(&hidden_states, Some(layer_mask), &position_embeddings)?;
+            hidden_states = decoder_layer.forward(
+                &hidden_states,
+                Some(layer_mask),
+                &position_embeddings,
+                past_key_values,
+            )?;
         }
         self.norm.forward(&hidden_states)
     }
@@ -579,21 +604,46 @@ impl GptOssModel {
 pub struct GptOssForCausalLM {
     model: GptOssModel,
     lm_head: Linear,
+    dims: Dims,
     scope: Scope,
 }
 
 #[hooked]
 impl GptOssForCausalLM {
     /// Logits [B, T, vocab].
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        let hidden_states = self.model.forward(input_ids, attention_mask)?;
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: &Tensor,
+        past_key_values: Option<&KvCache>,
+    ) -> Result<Tensor> {
+        let hidden_states =
+            self.model
+                .forward(input_ids, attention_mask, position_ids, past_key_values)?;
         self.lm_head.forward(&hidden_states)
     }
 }
 
 impl CausalLM for GptOssForCausalLM {
-    fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        GptOssForCausalLM::forward(self, input_ids, attention_mask)
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: &Tensor,
+        past_key_values: Option<&KvCache>,
+    ) -> Result<Tensor> {
+        GptOssForCausalLM::forward(
+            self,
+            input_ids,
+            attention_mask,
+            position_ids,
+            past_key_values,
+        )
+    }
+
+    fn dims(&self) -> Dims {
+        self.dims
     }
 }
 
@@ -606,7 +656,7 @@ pub fn load(config: &Config, vb: Builder) -> crate::Result<Box<dyn CausalLM>> {
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for i in 0..cfg.num_hidden_layers {
         let vb_l = vb_m.pp("layers").pp(i);
-        let self_attn = GptOssAttention::new(&cfg, vb_l.pp("self_attn"))?;
+        let self_attn = GptOssAttention::new(&cfg, i, vb_l.pp("self_attn"))?;
         let mlp = GptOssMLP::new(&cfg, vb_l.pp("mlp"))?;
         layers.push(GptOssDecoderLayer {
             self_attn,
@@ -642,6 +692,15 @@ pub fn load(config: &Config, vb: Builder) -> crate::Result<Box<dyn CausalLM>> {
     Ok(Box::new(GptOssForCausalLM {
         model,
         lm_head,
+        dims: Dims {
+            layers: cfg.num_hidden_layers,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            hidden: cfg.hidden_size,
+            vocab: cfg.vocab_size,
+            max_positions: None,
+        },
         scope: root.scope::<GptOssForCausalLM>(),
     }))
 }

@@ -6,9 +6,9 @@
 //! 4.x's `self._attn(..)` with its `self.attn_dropout` module, because the seed's hookpoint
 //! `attentions.L.source.self__attn_0.source.self_attn_dropout_0` names that structure.
 
-use super::CausalLM;
+use super::{CausalLM, Dims};
 use crate::config::Config;
-use crate::nn::{self, mask, Activation, Builder, Dropout, Embedding, LayerNorm, Linear};
+use crate::nn::{self, mask, Activation, Builder, Dropout, Embedding, KvCache, LayerNorm, Linear};
 use crate::trace::{hooked, Scope};
 use candle_core::{DType, Device, Result, Tensor, D};
 
@@ -144,15 +144,18 @@ impl GPTJRotaryEmbedding {
     /// (sin, cos), each [B, T, rotary_dim / 2] in `x`'s dtype, for `position_ids` [B, T].
     pub fn forward(&self, x: &Tensor, position_ids: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, t) = position_ids.dims2()?;
-        if t > self.max_positions {
-            candle_core::bail!(
-                "{t} positions requested but the model's sinusoid table has {} (n_positions)",
-                self.max_positions
-            );
+        let position_ids = position_ids.flatten_all()?;
+        // Checked here so that an out-of-table position is an error naming the limit.
+        let positions = position_ids.to_dtype(DType::I64)?;
+        for p in positions.to_vec1::<i64>()? {
+            if p < 0 || p as usize >= self.max_positions {
+                candle_core::bail!(
+                    "position {p} requested but the model's sinusoid table has {} rows (n_positions)",
+                    self.max_positions
+                );
+            }
         }
-        let sincos = self
-            .embed_positions
-            .index_select(&position_ids.flatten_all()?, 0)?;
+        let sincos = self.embed_positions.index_select(&position_ids, 0)?;
         let sincos = sincos.reshape((b, t, ()))?.to_dtype(x.dtype())?;
         let half = sincos.dim(D::Minus1)? / 2;
         let sin = sincos.narrow(D::Minus1, 0, half)?;
@@ -199,11 +202,12 @@ pub struct GPTJAttention {
     head_dim: usize,
     rotary_dim: usize,
     scaling: f64,
+    layer_idx: usize,
     scope: Scope,
 }
 
 impl GPTJAttention {
-    fn new(cfg: &GPTJConfig, vb: Builder) -> Result<Self> {
+    fn new(cfg: &GPTJConfig, layer_idx: usize, vb: Builder) -> Result<Self> {
         let e = cfg.n_embd;
         let head_dim = e / cfg.n_head;
         Ok(GPTJAttention {
@@ -216,6 +220,7 @@ impl GPTJAttention {
             head_dim,
             rotary_dim: cfg.rotary_dim,
             scaling: (head_dim as f64).powf(-0.5),
+            layer_idx,
             scope: vb.scope::<Self>(),
         })
     }
@@ -252,6 +257,7 @@ impl GPTJAttention {
         hidden_states: &Tensor,
         position_embeddings: &(Tensor, Tensor),
         attention_mask: Option<&Tensor>,
+        past_key_values: Option<&KvCache>,
     ) -> Result<Tensor> {
         let (b, t, _) = hidden_states.dims3()?;
         let hidden_shape = (b, t, (), self.head_dim);
@@ -283,6 +289,10 @@ impl GPTJAttention {
         let query = query.transpose(1, 2)?.contiguous()?;
         let key = key.transpose(1, 2)?.contiguous()?;
         let value = value.contiguous()?;
+        let (key, value) = match past_key_values {
+            Some(past_key_values) => past_key_values.update(&key, &value, self.layer_idx)?,
+            None => (key, value),
+        };
 
         let (attn_output, _attn_weights) = self._attn(&query, &key, &value, attention_mask)?;
         let attn_output = attn_output.transpose(1, 2)?.contiguous()?;
@@ -328,12 +338,16 @@ impl GPTJBlock {
         hidden_states: &Tensor,
         attention_mask: Option<&Tensor>,
         position_embeddings: &(Tensor, Tensor),
+        past_key_values: Option<&KvCache>,
     ) -> Result<Tensor> {
         let residual = hidden_states;
         let hidden_states = self.ln_1.forward(hidden_states)?;
-        let attn_output = self
-            .attn
-            .forward(&hidden_states, position_embeddings, attention_mask)?;
+        let attn_output = self.attn.forward(
+            &hidden_states,
+            position_embeddings,
+            attention_mask,
+            past_key_values,
+        )?;
         let feed_forward_hidden_states = self.mlp.forward(&hidden_states)?;
         (attn_output + feed_forward_hidden_states)? + residual
     }
@@ -352,26 +366,34 @@ pub struct GPTJModel {
 #[hooked]
 impl GPTJModel {
     /// Hidden states after `ln_f` [B, T, n_embd].
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: &Tensor,
+        past_key_values: Option<&KvCache>,
+    ) -> Result<Tensor> {
         let inputs_embeds = self.wte.forward(input_ids)?;
         let (batch, seq_length) = input_ids.dims2()?;
-        // transformers passes no position ids: 0..T for every row, padded or not.
-        let position_ids =
-            Tensor::arange(0u32, seq_length as u32, input_ids.device())?.unsqueeze(0)?;
         let causal_mask = mask::causal_mask(
             attention_mask,
             batch,
             seq_length,
+            nn::past_len(past_key_values),
             None,
             inputs_embeds.dtype(),
             inputs_embeds.device(),
         )?;
         let hidden_states = inputs_embeds;
         let mut hidden_states = self.drop.forward(&hidden_states)?;
-        let position_embeddings = self.rotary_emb.forward(&hidden_states, &position_ids)?;
+        let position_embeddings = self.rotary_emb.forward(&hidden_states, position_ids)?;
         for block in self.h.iter() {
-            hidden_states =
-                block.forward(&hidden_states, Some(&causal_mask), &position_embeddings)?;
+            hidden_states = block.forward(
+                &hidden_states,
+                Some(&causal_mask),
+                &position_embeddings,
+                past_key_values,
+            )?;
         }
         self.ln_f.forward(&hidden_states)
     }
@@ -381,21 +403,46 @@ impl GPTJModel {
 pub struct GPTJForCausalLM {
     transformer: GPTJModel,
     lm_head: Linear,
+    dims: Dims,
     scope: Scope,
 }
 
 #[hooked]
 impl GPTJForCausalLM {
     /// Logits [B, T, vocab].
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        let hidden_states = self.transformer.forward(input_ids, attention_mask)?;
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: &Tensor,
+        past_key_values: Option<&KvCache>,
+    ) -> Result<Tensor> {
+        let hidden_states =
+            self.transformer
+                .forward(input_ids, attention_mask, position_ids, past_key_values)?;
         self.lm_head.forward(&hidden_states)
     }
 }
 
 impl CausalLM for GPTJForCausalLM {
-    fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        GPTJForCausalLM::forward(self, input_ids, attention_mask)
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: &Tensor,
+        past_key_values: Option<&KvCache>,
+    ) -> Result<Tensor> {
+        GPTJForCausalLM::forward(
+            self,
+            input_ids,
+            attention_mask,
+            position_ids,
+            past_key_values,
+        )
+    }
+
+    fn dims(&self) -> Dims {
+        self.dims
     }
 }
 
@@ -410,7 +457,7 @@ pub fn load(config: &Config, vb: Builder) -> crate::Result<Box<dyn CausalLM>> {
     for i in 0..cfg.n_layer {
         let vb_l = vb_t.pp("h").pp(i);
         let ln_1 = LayerNorm::new(cfg.n_embd, cfg.layer_norm_epsilon, true, vb_l.pp("ln_1"))?;
-        let attn = GPTJAttention::new(&cfg, vb_l.pp("attn"))?;
+        let attn = GPTJAttention::new(&cfg, i, vb_l.pp("attn"))?;
         let vb_mlp = vb_l.pp("mlp");
         let mlp = GPTJMLP {
             fc_in: Linear::new(cfg.n_embd, cfg.n_inner, true, vb_mlp.pp("fc_in"))?,
@@ -458,6 +505,15 @@ pub fn load(config: &Config, vb: Builder) -> crate::Result<Box<dyn CausalLM>> {
     Ok(Box::new(GPTJForCausalLM {
         transformer,
         lm_head,
+        dims: Dims {
+            layers: cfg.n_layer,
+            heads: cfg.n_head,
+            kv_heads: cfg.n_head,
+            head_dim: cfg.n_embd / cfg.n_head,
+            hidden: cfg.n_embd,
+            vocab: cfg.vocab_size,
+            max_positions: Some(cfg.n_positions),
+        },
         scope: root.scope::<GPTJForCausalLM>(),
     }))
 }

@@ -4,10 +4,10 @@
 //! only in the points `LlamaConfig::read` reads: projection biases, sliding-window layers, and Qwen3's
 //! per-head q/k RMS norm).
 
-use super::CausalLM;
+use super::{CausalLM, Dims};
 use crate::config::Config;
 use crate::nn::rope::{self, apply_rotary_pos_emb};
-use crate::nn::{self, mask, Activation, Builder, Embedding, Linear, RmsNorm};
+use crate::nn::{self, mask, repeat_kv, Activation, Builder, Embedding, KvCache, Linear, RmsNorm};
 use crate::trace::{hooked, Scope};
 use candle_core::{Result, Tensor, D};
 
@@ -193,19 +193,6 @@ impl LlamaMLP {
     }
 }
 
-/// [B, KV, T, D] -> [B, KV * n_rep, T, D], each key/value head repeated for its query heads.
-#[hooked]
-pub fn repeat_kv(hidden_states: &Tensor, n_rep: usize) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(hidden_states.clone());
-    }
-    let (batch, num_key_value_heads, slen, head_dim) = hidden_states.dims4()?;
-    hidden_states
-        .unsqueeze(2)?
-        .expand((batch, num_key_value_heads, n_rep, slen, head_dim))?
-        .reshape((batch, num_key_value_heads * n_rep, slen, head_dim))
-}
-
 /// transformers' `eager_attention_forward`: returns the attention output [B, T, H, D] and the
 /// probabilities [B, H, T, T] (the output of `nn_functional_dropout_0`).
 #[hooked]
@@ -245,11 +232,12 @@ pub struct LlamaAttention {
     pub num_key_value_groups: usize,
     scaling: f64,
     attention_dropout: f64,
+    layer_idx: usize,
     scope: Scope,
 }
 
 impl LlamaAttention {
-    fn new(cfg: &LlamaConfig, vb: Builder) -> Result<Self> {
+    fn new(cfg: &LlamaConfig, layer_idx: usize, vb: Builder) -> Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let (q_norm, k_norm) = if cfg.qk_norm {
@@ -271,6 +259,7 @@ impl LlamaAttention {
             num_key_value_groups: nh / nkv,
             scaling: (hd as f64).powf(-0.5),
             attention_dropout: 0.0,
+            layer_idx,
             scope: vb.scope::<Self>(),
         })
     }
@@ -284,6 +273,7 @@ impl LlamaAttention {
         hidden_states: &Tensor,
         position_embeddings: &(Tensor, Tensor),
         attention_mask: Option<&Tensor>,
+        past_key_values: Option<&KvCache>,
     ) -> Result<Tensor> {
         let (b, t, _) = hidden_states.dims3()?;
         let hidden_shape = (b, t, (), self.head_dim);
@@ -306,6 +296,12 @@ impl LlamaAttention {
         let (cos, sin) = position_embeddings;
         let (query_states, key_states) =
             apply_rotary_pos_emb(&query_states, &key_states, cos, sin)?;
+        let (key_states, value_states) = match past_key_values {
+            Some(past_key_values) => {
+                past_key_values.update(&key_states, &value_states, self.layer_idx)?
+            }
+            None => (key_states, value_states),
+        };
 
         let attention_interface = eager_attention_forward;
         let (attn_output, _attn_weights) = attention_interface(
@@ -339,12 +335,16 @@ impl LlamaDecoderLayer {
         hidden_states: &Tensor,
         attention_mask: Option<&Tensor>,
         position_embeddings: &(Tensor, Tensor),
+        past_key_values: Option<&KvCache>,
     ) -> Result<Tensor> {
         let residual = hidden_states;
         let hidden_states = self.input_layernorm.forward(hidden_states)?;
-        let hidden_states =
-            self.self_attn
-                .forward(&hidden_states, position_embeddings, attention_mask)?;
+        let hidden_states = self.self_attn.forward(
+            &hidden_states,
+            position_embeddings,
+            attention_mask,
+            past_key_values,
+        )?;
         let hidden_states = (residual + hidden_states)?;
 
         let residual = &hidden_states;
@@ -367,24 +367,36 @@ pub struct LlamaModel {
 #[hooked]
 impl LlamaModel {
     /// Hidden states after the final norm [B, T, hidden].
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: &Tensor,
+        past_key_values: Option<&KvCache>,
+    ) -> Result<Tensor> {
         let inputs_embeds = self.embed_tokens.forward(input_ids)?;
         let (batch, seq_len) = input_ids.dims2()?;
         let (dtype, device) = (inputs_embeds.dtype(), inputs_embeds.device());
+        let past_seen_tokens = nn::past_len(past_key_values);
         let causal_mask_mapping = mask::CausalMasks::new(
             attention_mask,
             batch,
             seq_len,
+            past_seen_tokens,
             &self.sliding_window,
             dtype,
             device,
         )?;
-        let position_embeddings = self.rotary_emb.cos_sin(seq_len, dtype, device)?;
+        let position_embeddings = self.rotary_emb.cos_sin(position_ids, dtype, device)?;
         let mut hidden_states = inputs_embeds;
         for (decoder_layer, window) in self.layers.iter().zip(self.sliding_window.iter()) {
             let layer_mask = causal_mask_mapping.for_layer(*window);
-            hidden_states =
-                decoder_layer.forward(&hidden_states, Some(layer_mask), &position_embeddings)?;
+            hidden_states = decoder_layer.forward(
+                &hidden_states,
+                Some(layer_mask),
+                &position_embeddings,
+                past_key_values,
+            )?;
         }
         self.norm.forward(&hidden_states)
     }
@@ -394,21 +406,46 @@ impl LlamaModel {
 pub struct LlamaForCausalLM {
     model: LlamaModel,
     lm_head: Linear,
+    dims: Dims,
     scope: Scope,
 }
 
 #[hooked]
 impl LlamaForCausalLM {
     /// Logits [B, T, vocab].
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        let hidden_states = self.model.forward(input_ids, attention_mask)?;
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: &Tensor,
+        past_key_values: Option<&KvCache>,
+    ) -> Result<Tensor> {
+        let hidden_states =
+            self.model
+                .forward(input_ids, attention_mask, position_ids, past_key_values)?;
         self.lm_head.forward(&hidden_states)
     }
 }
 
 impl CausalLM for LlamaForCausalLM {
-    fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        LlamaForCausalLM::forward(self, input_ids, attention_mask)
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: &Tensor,
+        past_key_values: Option<&KvCache>,
+    ) -> Result<Tensor> {
+        LlamaForCausalLM::forward(
+            self,
+            input_ids,
+            attention_mask,
+            position_ids,
+            past_key_values,
+        )
+    }
+
+    fn dims(&self) -> Dims {
+        self.dims
     }
 }
 
@@ -421,7 +458,7 @@ pub fn load(config: &Config, vb: Builder) -> crate::Result<Box<dyn CausalLM>> {
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for i in 0..cfg.num_hidden_layers {
         let vb_l = vb_m.pp("layers").pp(i);
-        let self_attn = LlamaAttention::new(&cfg, vb_l.pp("self_attn"))?;
+        let self_attn = LlamaAttention::new(&cfg, i, vb_l.pp("self_attn"))?;
         let mlp = LlamaMLP::new(&cfg, vb_l.pp("mlp"))?;
         layers.push(LlamaDecoderLayer {
             self_attn,
@@ -457,6 +494,15 @@ pub fn load(config: &Config, vb: Builder) -> crate::Result<Box<dyn CausalLM>> {
     Ok(Box::new(LlamaForCausalLM {
         model,
         lm_head,
+        dims: Dims {
+            layers: cfg.num_hidden_layers,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            hidden: cfg.hidden_size,
+            vocab: cfg.vocab_size,
+            max_positions: None,
+        },
         scope: root.scope::<LlamaForCausalLM>(),
     }))
 }

@@ -6,7 +6,7 @@
 //! `tests/fixtures/<arch>/`.
 
 use crate::config::Config;
-use crate::nn::Builder;
+use crate::nn::{Builder, KvCache};
 use candle_core::Tensor;
 
 pub mod bloom;
@@ -18,14 +18,43 @@ pub mod llama;
 pub mod qwen2_moe;
 pub mod stablelm;
 
+/// The sizes of a model, as its own config reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dims {
+    /// Decoder layers.
+    pub layers: usize,
+    /// Query heads per attention.
+    pub heads: usize,
+    /// Key/value heads per attention.
+    pub kv_heads: usize,
+    /// Size of one head.
+    pub head_dim: usize,
+    /// Hidden (residual stream) size.
+    pub hidden: usize,
+    /// Vocabulary size (the logits' last axis).
+    pub vocab: usize,
+    /// The longest sequence the model can take, where it has a hard limit (learned positions).
+    pub max_positions: Option<usize>,
+}
+
 /// A causal language model's forward pass.
 pub trait CausalLM: Send + Sync {
-    /// Logits [B, T, vocab] for `input_ids` [B, T] (and a 0/1 `attention_mask` [B, T]).
+    /// Logits [B, T, vocab] for `input_ids` [B, T].
+    ///
+    /// - `attention_mask`: 0/1 [B, past + T] over the cached and the new tokens (`None`: all 1);
+    /// - `position_ids`: [B, T] integer positions of the new tokens (transformers' `generate()`
+    ///   passes `cumsum(attention_mask) - 1`, see [`crate::nn::positions_from_mask`]);
+    /// - `past_key_values`: the cache, extended by this forward when given.
     fn forward(
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
+        position_ids: &Tensor,
+        past_key_values: Option<&KvCache>,
     ) -> candle_core::Result<Tensor>;
+
+    /// The model's sizes.
+    fn dims(&self) -> Dims;
 
     /// The attention-probability path from `attentions.L` when this model's config moves it away from
     /// the registry's (GPT-2 with `reorder_and_upcast_attn` computes them in

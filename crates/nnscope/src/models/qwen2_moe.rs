@@ -11,12 +11,12 @@
 //! layout), `mlp.shared_expert` and `mlp.shared_expert_gate`. Only the experts some token is routed to
 //! are computed, each on its own tokens (gathered with `index_select`, added back with `index_add`).
 
-use super::llama::repeat_kv;
-use super::CausalLM;
+use super::{CausalLM, Dims};
 use crate::config::Config;
 use crate::nn::functional as F;
+use crate::nn::repeat_kv;
 use crate::nn::rope::{self, apply_rotary_pos_emb};
-use crate::nn::{self, mask, Activation, Builder, Embedding, Linear, RmsNorm};
+use crate::nn::{self, mask, Activation, Builder, Embedding, KvCache, Linear, RmsNorm};
 use crate::trace::{hooked, Scope};
 use candle_core::{DType, Result, Tensor, D};
 
@@ -468,11 +468,12 @@ pub struct Qwen2MoeAttention {
     num_key_value_groups: usize,
     scaling: f64,
     attention_dropout: f64,
+    layer_idx: usize,
     scope: Scope,
 }
 
 impl Qwen2MoeAttention {
-    fn new(cfg: &Qwen2MoeConfig, vb: Builder) -> Result<Self> {
+    fn new(cfg: &Qwen2MoeConfig, layer_idx: usize, vb: Builder) -> Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         Ok(Qwen2MoeAttention {
@@ -486,6 +487,7 @@ impl Qwen2MoeAttention {
             num_key_value_groups: nh / nkv,
             scaling: (hd as f64).powf(-0.5),
             attention_dropout: cfg.attention_dropout,
+            layer_idx,
             scope: vb.scope::<Self>(),
         })
     }
@@ -500,6 +502,7 @@ impl Qwen2MoeAttention {
         hidden_states: &Tensor,
         position_embeddings: &(Tensor, Tensor),
         attention_mask: Option<&Tensor>,
+        past_key_values: Option<&KvCache>,
     ) -> Result<Tensor> {
         let (bsz, q_len, _) = hidden_states.dims3()?;
 
@@ -520,6 +523,12 @@ impl Qwen2MoeAttention {
         let (cos, sin) = position_embeddings;
         let (query_states, key_states) =
             apply_rotary_pos_emb(&query_states, &key_states, cos, sin)?;
+        let (key_states, value_states) = match past_key_values {
+            Some(past_key_values) => {
+                past_key_values.update(&key_states, &value_states, self.layer_idx)?
+            }
+            None => (key_states, value_states),
+        };
 
         let key_states = repeat_kv(&key_states, self.num_key_value_groups)?;
         let value_states = repeat_kv(&value_states, self.num_key_value_groups)?;
@@ -559,12 +568,16 @@ impl Qwen2MoeDecoderLayer {
         hidden_states: &Tensor,
         attention_mask: Option<&Tensor>,
         position_embeddings: &(Tensor, Tensor),
+        past_key_values: Option<&KvCache>,
     ) -> Result<Tensor> {
         let residual = hidden_states;
         let hidden_states = self.input_layernorm.forward(hidden_states)?;
-        let hidden_states =
-            self.self_attn
-                .forward(&hidden_states, position_embeddings, attention_mask)?;
+        let hidden_states = self.self_attn.forward(
+            &hidden_states,
+            position_embeddings,
+            attention_mask,
+            past_key_values,
+        )?;
         let hidden_states = (residual + hidden_states)?;
 
         let residual = &hidden_states;
@@ -587,24 +600,36 @@ pub struct Qwen2MoeModel {
 #[hooked]
 impl Qwen2MoeModel {
     /// Hidden states after the final norm [B, T, hidden].
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: &Tensor,
+        past_key_values: Option<&KvCache>,
+    ) -> Result<Tensor> {
         let inputs_embeds = self.embed_tokens.forward(input_ids)?;
         let (batch, seq_len) = input_ids.dims2()?;
         let (dtype, device) = (inputs_embeds.dtype(), inputs_embeds.device());
+        let past_seen_tokens = nn::past_len(past_key_values);
         let causal_mask_mapping = mask::CausalMasks::new(
             attention_mask,
             batch,
             seq_len,
+            past_seen_tokens,
             &self.sliding_window,
             dtype,
             device,
         )?;
-        let position_embeddings = self.rotary_emb.cos_sin(seq_len, dtype, device)?;
+        let position_embeddings = self.rotary_emb.cos_sin(position_ids, dtype, device)?;
         let mut hidden_states = inputs_embeds;
         for (decoder_layer, window) in self.layers.iter().zip(self.sliding_window.iter()) {
             let layer_mask = causal_mask_mapping.for_layer(*window);
-            hidden_states =
-                decoder_layer.forward(&hidden_states, Some(layer_mask), &position_embeddings)?;
+            hidden_states = decoder_layer.forward(
+                &hidden_states,
+                Some(layer_mask),
+                &position_embeddings,
+                past_key_values,
+            )?;
         }
         self.norm.forward(&hidden_states)
     }
@@ -614,21 +639,46 @@ impl Qwen2MoeModel {
 pub struct Qwen2MoeForCausalLM {
     model: Qwen2MoeModel,
     lm_head: Linear,
+    dims: Dims,
     scope: Scope,
 }
 
 #[hooked]
 impl Qwen2MoeForCausalLM {
     /// Logits [B, T, vocab].
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        let hidden_states = self.model.forward(input_ids, attention_mask)?;
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: &Tensor,
+        past_key_values: Option<&KvCache>,
+    ) -> Result<Tensor> {
+        let hidden_states =
+            self.model
+                .forward(input_ids, attention_mask, position_ids, past_key_values)?;
         self.lm_head.forward(&hidden_states)
     }
 }
 
 impl CausalLM for Qwen2MoeForCausalLM {
-    fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        Qwen2MoeForCausalLM::forward(self, input_ids, attention_mask)
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: &Tensor,
+        past_key_values: Option<&KvCache>,
+    ) -> Result<Tensor> {
+        Qwen2MoeForCausalLM::forward(
+            self,
+            input_ids,
+            attention_mask,
+            position_ids,
+            past_key_values,
+        )
+    }
+
+    fn dims(&self) -> Dims {
+        self.dims
     }
 }
 
@@ -641,7 +691,7 @@ pub fn load(config: &Config, vb: Builder) -> crate::Result<Box<dyn CausalLM>> {
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for i in 0..cfg.num_hidden_layers {
         let vb_l = vb_m.pp("layers").pp(i);
-        let self_attn = Qwen2MoeAttention::new(&cfg, vb_l.pp("self_attn"))?;
+        let self_attn = Qwen2MoeAttention::new(&cfg, i, vb_l.pp("self_attn"))?;
         let mlp = if cfg.sparse[i] {
             Qwen2MoeFeedForward::Sparse(Qwen2MoeSparseMoeBlock::new(&cfg, vb_l.pp("mlp"))?)
         } else {
@@ -685,6 +735,15 @@ pub fn load(config: &Config, vb: Builder) -> crate::Result<Box<dyn CausalLM>> {
     Ok(Box::new(Qwen2MoeForCausalLM {
         model,
         lm_head,
+        dims: Dims {
+            layers: cfg.num_hidden_layers,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            hidden: cfg.hidden_size,
+            vocab: cfg.vocab_size,
+            max_positions: None,
+        },
         scope: root.scope::<Qwen2MoeForCausalLM>(),
     }))
 }

@@ -7,10 +7,12 @@
 //! transformers 4.x did, so that the probabilities are the output of the module dropout
 //! `self.attention_dropout`: the seed's `attentions.L.source.self_attention_dropout_0`.
 
-use super::CausalLM;
+use super::{CausalLM, Dims};
 use crate::config::Config;
 use crate::nn::rope::{self, apply_rotary_pos_emb};
-use crate::nn::{self, mask, Activation, Builder, Dropout, Embedding, LayerNorm, Linear};
+use crate::nn::{
+    self, mask, repeat_kv, Activation, Builder, Dropout, Embedding, KvCache, LayerNorm, Linear,
+};
 use crate::trace::{hooked, Scope};
 use candle_core::{Result, Tensor, D};
 
@@ -194,19 +196,6 @@ impl StableLmLayerNormPerHead {
     }
 }
 
-/// [B, KV, T, D] -> [B, KV * n_rep, T, D], each key/value head repeated for its query heads.
-#[hooked]
-pub fn repeat_kv(hidden_states: &Tensor, n_rep: usize) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(hidden_states.clone());
-    }
-    let (batch, num_key_value_heads, slen, head_dim) = hidden_states.dims4()?;
-    hidden_states
-        .unsqueeze(2)?
-        .expand((batch, num_key_value_heads, n_rep, slen, head_dim))?
-        .reshape((batch, num_key_value_heads * n_rep, slen, head_dim))
-}
-
 /// `StableLmAttention`.
 pub struct StableLmAttention {
     q_proj: Linear,
@@ -223,11 +212,12 @@ pub struct StableLmAttention {
     num_key_value_groups: usize,
     rotary_ndims: usize,
     scaling: f64,
+    layer_idx: usize,
     scope: Scope,
 }
 
 impl StableLmAttention {
-    fn new(cfg: &StableLmConfig, vb: Builder) -> Result<Self> {
+    fn new(cfg: &StableLmConfig, layer_idx: usize, vb: Builder) -> Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let (q_layernorm, k_layernorm) = if cfg.qk_layernorm {
@@ -262,6 +252,7 @@ impl StableLmAttention {
             num_key_value_groups: nh / nkv,
             rotary_ndims: (hd as f64 * cfg.rope.partial_rotary_factor) as usize,
             scaling: (hd as f64).powf(-0.5),
+            layer_idx,
             scope: vb.scope::<Self>(),
         })
     }
@@ -275,6 +266,7 @@ impl StableLmAttention {
         hidden_states: &Tensor,
         attention_mask: Option<&Tensor>,
         position_embeddings: &(Tensor, Tensor),
+        past_key_values: Option<&KvCache>,
     ) -> Result<Tensor> {
         let (bsz, q_len, _) = hidden_states.dims3()?;
 
@@ -321,6 +313,13 @@ impl StableLmAttention {
             }
         };
 
+        let (key_states, value_states) = match past_key_values {
+            Some(past_key_values) => {
+                past_key_values.update(&key_states, &value_states, self.layer_idx)?
+            }
+            None => (key_states, value_states),
+        };
+
         // Repeat k/v heads if n_kv_heads < n_heads.
         let key_states = repeat_kv(&key_states, self.num_key_value_groups)?;
         let value_states = repeat_kv(&value_states, self.num_key_value_groups)?;
@@ -364,15 +363,19 @@ impl StableLmDecoderLayer {
         hidden_states: &Tensor,
         attention_mask: Option<&Tensor>,
         position_embeddings: &(Tensor, Tensor),
+        past_key_values: Option<&KvCache>,
     ) -> Result<Tensor> {
         let residual = hidden_states;
 
         let hidden_states = self.input_layernorm.forward(hidden_states)?;
 
         // Self Attention
-        let self_attn_output =
-            self.self_attn
-                .forward(&hidden_states, attention_mask, position_embeddings)?;
+        let self_attn_output = self.self_attn.forward(
+            &hidden_states,
+            attention_mask,
+            position_embeddings,
+            past_key_values,
+        )?;
 
         match &self.post_attention_layernorm {
             Some(post_attention_layernorm) if !self.use_parallel_residual => {
@@ -406,19 +409,37 @@ pub struct StableLmModel {
 #[hooked]
 impl StableLmModel {
     /// Hidden states after the final norm [B, T, hidden].
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: &Tensor,
+        past_key_values: Option<&KvCache>,
+    ) -> Result<Tensor> {
         let inputs_embeds = self.embed_tokens.forward(input_ids)?;
         let (batch, seq_len) = input_ids.dims2()?;
         let (dtype, device) = (inputs_embeds.dtype(), inputs_embeds.device().clone());
-        let causal_mask = mask::causal_mask(attention_mask, batch, seq_len, None, dtype, &device)?;
+        let past_seen_tokens = nn::past_len(past_key_values);
+        let causal_mask = mask::causal_mask(
+            attention_mask,
+            batch,
+            seq_len,
+            past_seen_tokens,
+            None,
+            dtype,
+            &device,
+        )?;
 
         let mut hidden_states = inputs_embeds;
-        // transformers passes no position ids: 0..T for every row, padded or not.
-        let position_embeddings = self.rotary_emb.cos_sin(seq_len, dtype, &device)?;
+        let position_embeddings = self.rotary_emb.cos_sin(position_ids, dtype, &device)?;
 
         for decoder_layer in self.layers.iter() {
-            hidden_states =
-                decoder_layer.forward(&hidden_states, Some(&causal_mask), &position_embeddings)?;
+            hidden_states = decoder_layer.forward(
+                &hidden_states,
+                Some(&causal_mask),
+                &position_embeddings,
+                past_key_values,
+            )?;
         }
 
         self.norm.forward(&hidden_states)
@@ -429,21 +450,46 @@ impl StableLmModel {
 pub struct StableLmForCausalLM {
     model: StableLmModel,
     lm_head: Linear,
+    dims: Dims,
     scope: Scope,
 }
 
 #[hooked]
 impl StableLmForCausalLM {
     /// Logits [B, T, vocab].
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        let hidden_states = self.model.forward(input_ids, attention_mask)?;
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: &Tensor,
+        past_key_values: Option<&KvCache>,
+    ) -> Result<Tensor> {
+        let hidden_states =
+            self.model
+                .forward(input_ids, attention_mask, position_ids, past_key_values)?;
         self.lm_head.forward(&hidden_states)
     }
 }
 
 impl CausalLM for StableLmForCausalLM {
-    fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        StableLmForCausalLM::forward(self, input_ids, attention_mask)
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: &Tensor,
+        past_key_values: Option<&KvCache>,
+    ) -> Result<Tensor> {
+        StableLmForCausalLM::forward(
+            self,
+            input_ids,
+            attention_mask,
+            position_ids,
+            past_key_values,
+        )
+    }
+
+    fn dims(&self) -> Dims {
+        self.dims
     }
 }
 
@@ -457,7 +503,7 @@ pub fn load(config: &Config, vb: Builder) -> crate::Result<Box<dyn CausalLM>> {
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for i in 0..cfg.num_hidden_layers {
         let vb_l = vb_m.pp("layers").pp(i);
-        let self_attn = StableLmAttention::new(&cfg, vb_l.pp("self_attn"))?;
+        let self_attn = StableLmAttention::new(&cfg, i, vb_l.pp("self_attn"))?;
         let vb_mlp = vb_l.pp("mlp");
         let mlp = StableLmMLP {
             gate_proj: Linear::new(h, cfg.intermediate_size, false, vb_mlp.pp("gate_proj"))?,
@@ -504,6 +550,15 @@ pub fn load(config: &Config, vb: Builder) -> crate::Result<Box<dyn CausalLM>> {
     Ok(Box::new(StableLmForCausalLM {
         model,
         lm_head,
+        dims: Dims {
+            layers: cfg.num_hidden_layers,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            hidden: cfg.hidden_size,
+            vocab: cfg.vocab_size,
+            max_positions: None,
+        },
         scope: root.scope::<StableLmForCausalLM>(),
     }))
 }

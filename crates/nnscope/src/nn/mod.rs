@@ -4,8 +4,10 @@
 //! `nn::Linear`, `nn::LayerNorm`, `nn::functional::softmax`, `nn::functional::dropout`.
 
 mod activation;
+mod attention;
 mod blas;
 mod builder;
+mod cache;
 mod cpu;
 pub mod functional;
 mod layers;
@@ -15,7 +17,9 @@ pub mod rope;
 
 pub use crate::trace::{ModuleEntry, ModuleTable};
 pub use activation::{Activation, ACTIVATION_NAMES as ACTIVATION_NAMES_LIST};
+pub use attention::repeat_kv;
 pub use builder::Builder;
+pub use cache::{past_len, positions_from_mask, KvCache};
 pub use layers::{
     gemm_backend, linear_matmul, prepare_linear_weight, Conv1D, Dropout, Embedding, LayerNorm,
     Linear, RmsNorm,

@@ -137,14 +137,21 @@ impl RotaryEmbedding {
         })
     }
 
-    /// cos and sin for positions 0..seq_len, shape [1, seq_len, dim], in `dtype`.
+    /// cos and sin at `position_ids` [B, T] (integers), shape [B, T, dim], in `dtype`.
     pub fn cos_sin(
         &self,
-        seq_len: usize,
+        position_ids: &Tensor,
         dtype: DType,
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
-        // Dynamic NTK and LongRoPE pick their frequencies from the sequence length.
+        let (b, t) = position_ids.dims2()?;
+        let pos: Vec<i64> = position_ids
+            .to_dtype(DType::I64)?
+            .flatten_all()?
+            .to_vec1::<i64>()?;
+        // Dynamic NTK and LongRoPE pick their frequencies from the sequence length, which
+        // transformers takes as max(position_ids) + 1.
+        let seq_len = pos.iter().copied().max().unwrap_or(0).max(0) as usize + 1;
         let (inv_freq, scaling) = match self.params.rope_type.as_str() {
             "dynamic" if seq_len > self.params.max_position_embeddings => {
                 compute(&self.params, self.dim, Some(seq_len))?
@@ -153,13 +160,13 @@ impl RotaryEmbedding {
             _ => (self.inv_freq.clone(), self.attention_scaling),
         };
         let half = inv_freq.len();
-        let mut freqs = Vec::with_capacity(seq_len * half * 2);
-        for p in 0..seq_len {
+        let mut freqs = Vec::with_capacity(b * t * half * 2);
+        for p in pos {
             let row: Vec<f32> = inv_freq.iter().map(|f| p as f32 * f).collect();
             freqs.extend_from_slice(&row);
             freqs.extend_from_slice(&row);
         }
-        let emb = Tensor::from_vec(freqs, (1, seq_len, half * 2), device)?;
+        let emb = Tensor::from_vec(freqs, (b, t, half * 2), device)?;
         let cos = (emb.cos()? * scaling)?.to_dtype(dtype)?;
         let sin = (emb.sin()? * scaling)?.to_dtype(dtype)?;
         Ok((cos, sin))
@@ -325,7 +332,7 @@ pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
     Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
 }
 
-/// Applies rotary embeddings to q and k ([B, H, T, D]); cos/sin are [1, T, D].
+/// Applies rotary embeddings to q and k ([B, H, T, D]); cos/sin are [B, T, D].
 #[hooked]
 pub fn apply_rotary_pos_emb(
     q: &Tensor,

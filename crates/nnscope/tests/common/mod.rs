@@ -96,6 +96,10 @@ pub fn assert_probs(name: &str, ours: &Tensor, reference: &Tensor, mask: &Tensor
 
 /// Checks one input (`single` or `batch`) of a fixture: token ids, embeddings, every layer's input
 /// and output, attention probabilities, final norm and logits.
+///
+/// `batch.*` was made with positions 0..T-1 on every row (transformers' raw forward), so it runs
+/// with those explicit position ids; `single` and `batchpos` run with the default positions
+/// (`cumsum(mask) - 1`, as `generate()`), so every row of `batchpos` equals its prompt alone.
 pub fn check_input(model: &Model, g: &Golden, prefix: &str) {
     let ids = &g.t[&format!("{prefix}.input_ids")];
     let mask = &g.t[&format!("{prefix}.attention_mask")];
@@ -126,8 +130,26 @@ pub fn check_input(model: &Model, g: &Golden, prefix: &str) {
         "{prefix}: attention mask"
     );
     let n = model.num_layers();
+    let input = if prefix == "batch" {
+        let (b, t) = ids.dims2().unwrap();
+        let positions = Tensor::arange(0i64, t as i64, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+            .broadcast_as((b, t))
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        Input::Ids {
+            input_ids: ids.clone(),
+            attention_mask: Some(mask.clone()),
+            position_ids: Some(positions),
+        }
+    } else {
+        Input::Prompts(prompts)
+    };
     let mut tr = model
-        .trace(Input::Prompts(prompts))
+        .trace(input)
         .save("token_embeddings")
         .unwrap()
         .save("ln_final.output")
@@ -229,12 +251,53 @@ pub fn check_uniform(model: &Model, g: &Golden, path_of: impl Fn(usize) -> Strin
     let _ = reference.i(0).unwrap();
 }
 
-/// The whole fixture check for an architecture.
+/// Greedy generation with the cache against `gen.<prefix>.sequences` (token for token) and
+/// `gen.<prefix>.logits` (the logits each token was picked from, 1e-4 relative).
+pub fn check_generation(model: &Model, g: &Golden, prefix: &str) {
+    let prompts: Vec<String> = if prefix == "single" {
+        vec![g.prompt.clone()]
+    } else {
+        g.batch.clone()
+    };
+    let reference = &g.t[&format!("gen.{prefix}.sequences")];
+    let ref_logits = &g.t[&format!("gen.{prefix}.logits")];
+    let steps = ref_logits.dim(0).unwrap();
+    let out = model
+        .generate(Input::Prompts(prompts))
+        .max_new_tokens(steps)
+        .ignore_eos(true)
+        .run()
+        .unwrap();
+    assert_eq!(
+        out.output_ids.to_vec2::<i64>().unwrap(),
+        reference.to_vec2::<i64>().unwrap(),
+        "gen.{prefix}.sequences"
+    );
+    let ours = out.scores.unwrap();
+    assert_eq!(ours.dims(), ref_logits.dims(), "gen.{prefix}.logits: shape");
+    let tol = 1e-4 * max_abs(ref_logits).max(1.0);
+    let d = max_diff(&ours, ref_logits);
+    assert!(
+        d <= tol,
+        "gen.{prefix}.logits: max diff {d} > tolerance {tol}"
+    );
+}
+
+/// The whole fixture check for an architecture: `single`, `batch` (positions 0..T-1), `batchpos`
+/// (positions from the mask), uniform attention, and greedy generation where the golden has them.
 pub fn parity(arch: &str) {
     let model = load(arch);
     let g = golden(arch);
     check_input(&model, &g, "single");
     check_input(&model, &g, "batch");
+    // Bloom's goldens have no `batchpos`: its ALiBi is built from the mask, so `batch` already
+    // equals each prompt alone.
+    if model.arch.model_type != "bloom" {
+        check_input(&model, &g, "batchpos");
+    }
+    for prefix in ["single", "batch"] {
+        check_generation(&model, &g, prefix);
+    }
     if model.arch.prob_shape == ProbShape::Standard {
         check_uniform(&model, &g, |l| format!("attention_probabilities.{l}"));
     }
