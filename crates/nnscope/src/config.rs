@@ -14,6 +14,23 @@ pub struct Config {
 }
 
 impl Config {
+    /// A config error naming this file.
+    pub fn error(&self, msg: impl Into<String>) -> Error {
+        Error::Config {
+            path: self.path.clone(),
+            msg: msg.into(),
+        }
+    }
+
+    /// An integer under any of `keys` (a class attribute and its `attribute_map` aliases), else
+    /// `default`, as the Hugging Face config class reads it.
+    pub fn usize_alias_or(&self, keys: &[&str], default: usize) -> Result<usize> {
+        match self.get(keys) {
+            Some(_) => self.usize(keys),
+            None => Ok(default),
+        }
+    }
+
     /// Parses config.json text.
     pub fn parse(path: PathBuf, text: &str) -> Result<Self> {
         let v: Value = serde_json::from_str(text).map_err(|e| Error::Config {

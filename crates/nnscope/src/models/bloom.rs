@@ -58,19 +58,12 @@ pub struct BloomConfig {
     pub tie_word_embeddings: bool,
 }
 
-fn usize_alias(cfg: &Config, keys: &[&str], default: usize) -> crate::Result<usize> {
-    match cfg.get(keys) {
-        Some(_) => cfg.usize(keys),
-        None => Ok(default),
-    }
-}
-
 impl BloomConfig {
     /// Reads the keys `BloomConfig` reads, with its defaults.
     pub fn read(cfg: &Config) -> crate::Result<Self> {
         // `n_embed` (old checkpoints) overrides `hidden_size`, as in `BloomConfig.__post_init__`.
-        let hidden_size = usize_alias(cfg, &["n_embed", "hidden_size"], 64)?;
-        let n_head = usize_alias(cfg, &["n_head", "num_attention_heads"], 8)?;
+        let hidden_size = cfg.usize_alias_or(&["n_embed", "hidden_size"], 64)?;
+        let n_head = cfg.usize_alias_or(&["n_head", "num_attention_heads"], 8)?;
         if n_head == 0 || hidden_size % n_head != 0 {
             return Err(crate::Error::Config {
                 path: cfg.path.clone(),
@@ -87,7 +80,7 @@ impl BloomConfig {
         Ok(BloomConfig {
             vocab_size: cfg.usize(&["vocab_size"])?,
             hidden_size,
-            n_layer: usize_alias(cfg, &["n_layer", "num_hidden_layers"], 2)?,
+            n_layer: cfg.usize_alias_or(&["n_layer", "num_hidden_layers"], 2)?,
             n_head,
             layer_norm_epsilon: cfg.f64_or("layer_norm_epsilon", 1e-5)?,
             apply_residual_connection_post_layernorm: cfg

@@ -11,10 +11,10 @@
 //! `lm_head`. The experts' GLU weights are fused 2-D tensors `w1`, `v1`, `w2` of shape
 //! [num_experts * ffn_hidden_size, d_model]; only the experts some token is routed to are computed.
 
-use super::qwen2_moe::expert_hits;
 use super::{CausalLM, Dims};
 use crate::config::Config;
 use crate::nn::functional as F;
+use crate::nn::moe::expert_hits;
 use crate::nn::repeat_kv;
 use crate::nn::rope::{self, apply_rotary_pos_emb};
 use crate::nn::{self, mask, Activation, Builder, Embedding, KvCache, LayerNorm, Linear};
@@ -59,13 +59,6 @@ pub struct DbrxConfig {
     pub rope: rope::RopeParams,
 }
 
-fn config_error(cfg: &Config, msg: String) -> crate::Error {
-    crate::Error::Config {
-        path: cfg.path.clone(),
-        msg,
-    }
-}
-
 impl DbrxConfig {
     /// Reads the keys the Hugging Face classes read, with their defaults.
     pub fn read(cfg: &Config) -> crate::Result<Self> {
@@ -76,16 +69,11 @@ impl DbrxConfig {
         let ffn = cfg.sub("ffn_config")?;
         let kv_n_heads = attn.usize_or("kv_n_heads", 1)?;
         if n_heads == 0 || kv_n_heads == 0 || n_heads % kv_n_heads != 0 {
-            return Err(config_error(
-                cfg,
-                format!("n_heads ({n_heads}) must be a positive multiple of attn_config.kv_n_heads ({kv_n_heads})"),
+            return Err(cfg.error(format!("n_heads ({n_heads}) must be a positive multiple of attn_config.kv_n_heads ({kv_n_heads})"),
             ));
         }
         if cfg.bool_or("tie_word_embeddings", false)? {
-            return Err(config_error(
-                cfg,
-                "tie_word_embeddings is not supported for DBRX models".into(),
-            ));
+            return Err(cfg.error("tie_word_embeddings is not supported for DBRX models"));
         }
         let act_name = match ffn.raw.get("ffn_act_fn") {
             None | Some(serde_json::Value::Null) => "silu".to_string(),
@@ -93,47 +81,37 @@ impl DbrxConfig {
                 None => "silu".to_string(),
                 Some(serde_json::Value::String(s)) => s.clone(),
                 Some(v) => {
-                    return Err(config_error(
-                        cfg,
-                        format!("ffn_config.ffn_act_fn.name should be a string, found {v}"),
-                    ))
+                    return Err(cfg.error(format!(
+                        "ffn_config.ffn_act_fn.name should be a string, found {v}"
+                    )))
                 }
             },
             Some(v) => {
-                return Err(config_error(
-                    cfg,
-                    format!("ffn_config.ffn_act_fn should be an object, found {v}"),
-                ))
+                return Err(cfg.error(format!(
+                    "ffn_config.ffn_act_fn should be an object, found {v}"
+                )))
             }
         };
         let ffn_act_fn = Activation::from_name(&act_name).ok_or_else(|| {
-            config_error(
-                cfg,
-                format!(
-                    "ffn_config.ffn_act_fn `{act_name}` is not supported; supported: {}",
-                    nn::ACTIVATION_NAMES_LIST.join(", ")
-                ),
-            )
+            cfg.error(format!(
+                "ffn_config.ffn_act_fn `{act_name}` is not supported; supported: {}",
+                nn::ACTIVATION_NAMES_LIST.join(", ")
+            ))
         })?;
         // Absent means the default 1.0; an explicit null turns the normalization off.
         let moe_normalize_expert_weights = match ffn.raw.get("moe_normalize_expert_weights") {
             None => Some(1.0),
             Some(serde_json::Value::Null) => None,
             Some(v) => Some(v.as_f64().ok_or_else(|| {
-                config_error(
-                    cfg,
-                    format!(
-                        "ffn_config.moe_normalize_expert_weights should be a number, found {v}"
-                    ),
-                )
+                cfg.error(format!(
+                    "ffn_config.moe_normalize_expert_weights should be a number, found {v}"
+                ))
             })?),
         };
         let moe_num_experts = ffn.usize_or("moe_num_experts", 4)?;
         let moe_top_k = ffn.usize_or("moe_top_k", 1)?;
         if moe_top_k == 0 || moe_top_k > moe_num_experts {
-            return Err(config_error(
-                cfg,
-                format!("ffn_config.moe_top_k ({moe_top_k}) must be between 1 and moe_num_experts ({moe_num_experts})"),
+            return Err(cfg.error(format!("ffn_config.moe_top_k ({moe_top_k}) must be between 1 and moe_num_experts ({moe_num_experts})"),
             ));
         }
         // transformers 5.24 reads RoPE from the top-level `rope_parameters` / `rope_theta` only: a

@@ -11,10 +11,10 @@
 //! [B, H, Q, K + 1], the sink column last. What multiplies V is the output of
 //! `attention_interface_0.source.nn_functional_dropout_0` ([B, H, Q, K], sink dropped).
 
-use super::qwen2_moe::expert_hits;
 use super::{CausalLM, Dims};
 use crate::config::Config;
 use crate::nn::functional as F;
+use crate::nn::moe::expert_hits;
 use crate::nn::repeat_kv;
 use crate::nn::rope;
 use crate::nn::{self, mask, Builder, Embedding, KvCache, Linear};
@@ -60,13 +60,6 @@ pub struct GptOssConfig {
     pub rope: rope::RopeParams,
 }
 
-fn config_error(cfg: &Config, msg: String) -> crate::Error {
-    crate::Error::Config {
-        path: cfg.path.clone(),
-        msg,
-    }
-}
-
 /// A key the dataclass gives a default when absent, but that may be an explicit null (which the
 /// config's `__post_init__` then derives): `Ok(None)` for null.
 fn usize_default_or_null(cfg: &Config, key: &str, default: usize) -> crate::Result<Option<usize>> {
@@ -89,9 +82,7 @@ impl GptOssConfig {
             || num_key_value_heads == 0
             || num_attention_heads % num_key_value_heads != 0
         {
-            return Err(config_error(
-                cfg,
-                format!(
+            return Err(cfg.error(format!(
                     "num_attention_heads ({num_attention_heads}) must be a positive multiple of num_key_value_heads ({num_key_value_heads})"
                 ),
             ));
@@ -101,13 +92,10 @@ impl GptOssConfig {
         let layer_types: Vec<bool> = match cfg.opt_str_list("layer_types")? {
             Some(lt) => {
                 if lt.len() < num_hidden_layers {
-                    return Err(config_error(
-                        cfg,
-                        format!(
-                            "`layer_types` has {} entries for {num_hidden_layers} layers",
-                            lt.len()
-                        ),
-                    ));
+                    return Err(cfg.error(format!(
+                        "`layer_types` has {} entries for {num_hidden_layers} layers",
+                        lt.len()
+                    )));
                 }
                 lt.iter()
                     .take(num_hidden_layers)
@@ -125,9 +113,7 @@ impl GptOssConfig {
         let num_local_experts = cfg.usize_or("num_local_experts", 128)?;
         let num_experts_per_tok = cfg.usize_or("num_experts_per_tok", 4)?;
         if num_experts_per_tok == 0 || num_experts_per_tok > num_local_experts {
-            return Err(config_error(
-                cfg,
-                format!(
+            return Err(cfg.error(format!(
                     "num_experts_per_tok ({num_experts_per_tok}) must be between 1 and num_local_experts ({num_local_experts})"
                 ),
             ));

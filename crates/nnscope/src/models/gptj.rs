@@ -43,64 +43,41 @@ pub struct GPTJConfig {
     pub tie_word_embeddings: bool,
 }
 
-fn config_error(cfg: &Config, msg: String) -> crate::Error {
-    crate::Error::Config {
-        path: cfg.path.clone(),
-        msg,
-    }
-}
-
-/// An integer under a `GPTJConfig` attribute or its `attribute_map` alias, with the class default.
-fn usize_alias(cfg: &Config, keys: &[&str], default: usize) -> crate::Result<usize> {
-    match cfg.get(keys) {
-        Some(_) => cfg.usize(keys),
-        None => Ok(default),
-    }
-}
-
 impl GPTJConfig {
     /// Reads the keys `GPTJConfig` reads, with its defaults.
     pub fn read(cfg: &Config) -> crate::Result<Self> {
-        let n_embd = usize_alias(cfg, &["n_embd", "hidden_size"], 4096)?;
-        let n_head = usize_alias(cfg, &["n_head", "num_attention_heads"], 16)?;
+        let n_embd = cfg.usize_alias_or(&["n_embd", "hidden_size"], 4096)?;
+        let n_head = cfg.usize_alias_or(&["n_head", "num_attention_heads"], 16)?;
         if n_head == 0 || n_embd % n_head != 0 {
-            return Err(config_error(
-                cfg,
-                format!("n_embd ({n_embd}) must be divisible by n_head ({n_head})"),
-            ));
+            return Err(cfg.error(format!(
+                "n_embd ({n_embd}) must be divisible by n_head ({n_head})"
+            )));
         }
         let head_dim = n_embd / n_head;
         // transformers 5.24 declares `rotary_dim: int` and rejects null; 4.x's null meant "the whole
         // hidden size", which only ever worked with a single head.
         if cfg.raw.get("rotary_dim").is_some_and(|v| v.is_null()) {
-            return Err(config_error(
-                cfg,
-                "`rotary_dim` is null; transformers 5 requires an integer (the rotated dimensions of each head)".into(),
+            return Err(cfg.error("`rotary_dim` is null; transformers 5 requires an integer (the rotated dimensions of each head)",
             ));
         }
         let rotary_dim = cfg.usize_or("rotary_dim", 64)?;
         // Anything else fails inside transformers' forward (the sin/cos table does not broadcast).
         if rotary_dim == 0 || rotary_dim % 2 != 0 || rotary_dim > head_dim {
-            return Err(config_error(
-                cfg,
-                format!("`rotary_dim` ({rotary_dim}) must be even and between 2 and the head size ({head_dim})"),
+            return Err(cfg.error(format!("`rotary_dim` ({rotary_dim}) must be even and between 2 and the head size ({head_dim})"),
             ));
         }
         let act = cfg.str_or("activation_function", "gelu_new")?;
         let activation_function = Activation::from_name(act).ok_or_else(|| {
-            config_error(
-                cfg,
-                format!(
-                    "activation_function `{act}` is not supported; supported: {}",
-                    nn::ACTIVATION_NAMES_LIST.join(", ")
-                ),
-            )
+            cfg.error(format!(
+                "activation_function `{act}` is not supported; supported: {}",
+                nn::ACTIVATION_NAMES_LIST.join(", ")
+            ))
         })?;
         Ok(GPTJConfig {
             vocab_size: cfg.usize(&["vocab_size"])?,
-            n_positions: usize_alias(cfg, &["n_positions", "max_position_embeddings"], 2048)?,
+            n_positions: cfg.usize_alias_or(&["n_positions", "max_position_embeddings"], 2048)?,
             n_embd,
-            n_layer: usize_alias(cfg, &["n_layer", "num_hidden_layers"], 28)?,
+            n_layer: cfg.usize_alias_or(&["n_layer", "num_hidden_layers"], 28)?,
             n_head,
             rotary_dim,
             n_inner: cfg.opt_usize("n_inner")?.unwrap_or(4 * n_embd),

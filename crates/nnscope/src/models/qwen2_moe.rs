@@ -14,6 +14,7 @@
 use super::{CausalLM, Dims};
 use crate::config::Config;
 use crate::nn::functional as F;
+use crate::nn::moe::expert_hits;
 use crate::nn::repeat_kv;
 use crate::nn::rope::{self, apply_rotary_pos_emb};
 use crate::nn::{self, mask, Activation, Builder, Embedding, KvCache, Linear, RmsNorm};
@@ -65,13 +66,6 @@ pub struct Qwen2MoeConfig {
     pub rope: rope::RopeParams,
 }
 
-fn config_error(cfg: &Config, msg: String) -> crate::Error {
-    crate::Error::Config {
-        path: cfg.path.clone(),
-        msg,
-    }
-}
-
 impl Qwen2MoeConfig {
     /// Reads the keys `Qwen2MoeConfig` reads, with its defaults and its `__post_init__`.
     pub fn read(cfg: &Config) -> crate::Result<Self> {
@@ -83,9 +77,7 @@ impl Qwen2MoeConfig {
             || num_key_value_heads == 0
             || num_attention_heads % num_key_value_heads != 0
         {
-            return Err(config_error(
-                cfg,
-                format!(
+            return Err(cfg.error(format!(
                     "num_attention_heads ({num_attention_heads}) must be a positive multiple of num_key_value_heads ({num_key_value_heads})"
                 ),
             ));
@@ -93,13 +85,10 @@ impl Qwen2MoeConfig {
         let head_dim = cfg.usize_or("head_dim", hidden_size / num_attention_heads)?;
         let act_name = cfg.str_or("hidden_act", "silu")?;
         let hidden_act = Activation::from_name(act_name).ok_or_else(|| {
-            config_error(
-                cfg,
-                format!(
-                    "hidden_act `{act_name}` is not supported; supported: {}",
-                    nn::ACTIVATION_NAMES_LIST.join(", ")
-                ),
-            )
+            cfg.error(format!(
+                "hidden_act `{act_name}` is not supported; supported: {}",
+                nn::ACTIVATION_NAMES_LIST.join(", ")
+            ))
         })?;
         // `__post_init__`: the window only exists with `use_sliding_window`, and the default layer
         // types put it on even layers below `max_window_layers`.
@@ -117,13 +106,10 @@ impl Qwen2MoeConfig {
         let layer_types: Vec<bool> = match cfg.opt_str_list("layer_types")? {
             Some(lt) => {
                 if lt.len() < num_hidden_layers {
-                    return Err(config_error(
-                        cfg,
-                        format!(
-                            "`layer_types` has {} entries for {num_hidden_layers} layers",
-                            lt.len()
-                        ),
-                    ));
+                    return Err(cfg.error(format!(
+                        "`layer_types` has {} entries for {num_hidden_layers} layers",
+                        lt.len()
+                    )));
                 }
                 lt.iter()
                     .take(num_hidden_layers)
@@ -144,15 +130,10 @@ impl Qwen2MoeConfig {
         let decoder_sparse_step = cfg.usize_or("decoder_sparse_step", 1)?;
         let mlp_only_layers = cfg.opt_usize_list("mlp_only_layers")?.unwrap_or_default();
         if num_experts > 0 && decoder_sparse_step == 0 {
-            return Err(config_error(
-                cfg,
-                "decoder_sparse_step must be at least 1".into(),
-            ));
+            return Err(cfg.error("decoder_sparse_step must be at least 1"));
         }
         if num_experts > 0 && (num_experts_per_tok == 0 || num_experts_per_tok > num_experts) {
-            return Err(config_error(
-                cfg,
-                format!("num_experts_per_tok ({num_experts_per_tok}) must be between 1 and num_experts ({num_experts})"),
+            return Err(cfg.error(format!("num_experts_per_tok ({num_experts_per_tok}) must be between 1 and num_experts ({num_experts})"),
             ));
         }
         let sparse = (0..num_hidden_layers)
@@ -186,49 +167,6 @@ impl Qwen2MoeConfig {
             rope: rope::RopeParams::from_config(cfg, 10000.0, 32768)?,
         })
     }
-}
-
-/// The tokens one expert is routed: which rows of the flattened hidden states, and where each
-/// (token, top-k slot) weight sits in the flattened [tokens * top_k] routing weights.
-#[derive(Debug, Clone)]
-pub struct ExpertHit {
-    /// Expert index.
-    pub expert: usize,
-    /// Token rows (u32), in `torch.where` order (by top-k slot, then token).
-    pub token_idx: Tensor,
-    /// Flat indices (u32) of the matching routing weights: token * top_k + slot.
-    pub weight_idx: Tensor,
-}
-
-/// The experts some token is routed to, ascending (the `expert_hit` loop of the Hugging Face experts
-/// modules). Indices outside `0..num_experts` are skipped, as 5.24 skips its masking index.
-pub fn expert_hits(top_k_index: &Tensor, num_experts: usize) -> Result<Vec<ExpertHit>> {
-    let idx = top_k_index.to_dtype(DType::U32)?.to_vec2::<u32>()?;
-    let top_k = idx.first().map_or(0, |r| r.len());
-    let mut per_expert: Vec<(Vec<u32>, Vec<u32>)> = vec![(Vec::new(), Vec::new()); num_experts];
-    for slot in 0..top_k {
-        for (token, row) in idx.iter().enumerate() {
-            let e = row[slot] as usize;
-            if let Some((tokens, weights)) = per_expert.get_mut(e) {
-                tokens.push(token as u32);
-                weights.push((token * top_k + slot) as u32);
-            }
-        }
-    }
-    let device = top_k_index.device();
-    per_expert
-        .into_iter()
-        .enumerate()
-        .filter(|(_, (t, _))| !t.is_empty())
-        .map(|(expert, (t, w))| {
-            let n = t.len();
-            Ok(ExpertHit {
-                expert,
-                token_idx: Tensor::from_vec(t, n, device)?,
-                weight_idx: Tensor::from_vec(w, n, device)?,
-            })
-        })
-        .collect()
 }
 
 /// `Qwen2MoeMLP`: down(act(gate(x)) * up(x)), the dense MLP and the shared expert.

@@ -56,13 +56,6 @@ pub struct StableLmConfig {
     pub rope_head_dim: usize,
 }
 
-fn config_error(cfg: &Config, msg: String) -> crate::Error {
-    crate::Error::Config {
-        path: cfg.path.clone(),
-        msg,
-    }
-}
-
 impl StableLmConfig {
     /// Reads the keys `StableLmConfig` reads, with its defaults.
     pub fn read(cfg: &Config) -> crate::Result<Self> {
@@ -70,15 +63,11 @@ impl StableLmConfig {
         let num_attention_heads = cfg.usize_or("num_attention_heads", 32)?;
         let num_key_value_heads = cfg.usize_or("num_key_value_heads", 32)?;
         if num_attention_heads == 0 || hidden_size % num_attention_heads != 0 {
-            return Err(config_error(
-                cfg,
-                format!("hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})"),
+            return Err(cfg.error(format!("hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})"),
             ));
         }
         if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
-            return Err(config_error(
-                cfg,
-                format!(
+            return Err(cfg.error(format!(
                     "num_attention_heads ({num_attention_heads}) must be a positive multiple of num_key_value_heads ({num_key_value_heads})"
                 ),
             ));
@@ -86,13 +75,10 @@ impl StableLmConfig {
         let head_dim = hidden_size / num_attention_heads;
         let act_name = cfg.str_or("hidden_act", "silu")?;
         let hidden_act = Activation::from_name(act_name).ok_or_else(|| {
-            config_error(
-                cfg,
-                format!(
-                    "hidden_act `{act_name}` is not supported; supported: {}",
-                    nn::ACTIVATION_NAMES_LIST.join(", ")
-                ),
-            )
+            cfg.error(format!(
+                "hidden_act `{act_name}` is not supported; supported: {}",
+                nn::ACTIVATION_NAMES_LIST.join(", ")
+            ))
         })?;
         let mut rope = rope::RopeParams::from_config(cfg, 10000.0, 4096)?;
         // `StableLmConfig` defaults `partial_rotary_factor` to 0.25 (not 1) when neither layout sets it.
@@ -106,13 +92,10 @@ impl StableLmConfig {
             rope.partial_rotary_factor = 0.25;
         }
         if !(0.0..=1.0).contains(&rope.partial_rotary_factor) {
-            return Err(config_error(
-                cfg,
-                format!(
-                    "partial_rotary_factor ({}) must be between 0 and 1",
-                    rope.partial_rotary_factor
-                ),
-            ));
+            return Err(cfg.error(format!(
+                "partial_rotary_factor ({}) must be between 0 and 1",
+                rope.partial_rotary_factor
+            )));
         }
         let rope_head_dim = cfg
             .opt_usize("head_dim")?

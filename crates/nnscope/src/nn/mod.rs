@@ -13,6 +13,7 @@ pub mod functional;
 mod layers;
 pub mod mask;
 pub(crate) mod mmap;
+pub mod moe;
 pub mod rope;
 
 pub use crate::trace::{ModuleEntry, ModuleTable};
