@@ -1,8 +1,12 @@
 //! `nnscope generate`: generation with the key/value cache, with saves at every step.
 
-use crate::{check_out, expand_stars, load, parse_dtype, read_inputs, write_atomic};
+use crate::{
+    candle_err, check_out, err, expand_stars, load_dir, locate, parse_dtype, read_inputs,
+    warn_non_finite_value, write_atomic, ModelArgs,
+};
 use candle_core::DType;
 use clap::Args;
+use nnscope::hub;
 use nnscope::{GenerateOptions, Input};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -10,8 +14,8 @@ use std::path::PathBuf;
 /// Arguments of `nnscope generate`.
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// Model folder or hub id.
-    model: String,
+    #[command(flatten)]
+    model: ModelArgs,
     /// A prompt (repeat for a left-padded batch).
     #[arg(long = "prompt", conflicts_with = "inputs")]
     prompts: Vec<String>,
@@ -91,13 +95,18 @@ pub fn generate(args: GenerateArgs) -> Result<(), String> {
         ignore_eos: args.ignore_eos,
     };
     // Bad options fail before the model loads, which can take minutes.
-    opts.validate().map_err(|e| e.to_string())?;
+    opts.validate().map_err(err)?;
     let input = match (args.inputs, args.prompts.is_empty()) {
         (Some(p), _) => read_inputs(&p)?,
         (None, false) => Input::Prompts(args.prompts),
         (None, true) => return Err("give --prompt TEXT or --inputs IDS.safetensors".into()),
     };
-    let m = load(&args.model, dtype)?;
+    let dir = locate(&args.model)?;
+    // Never write over a file the model is loaded from.
+    if let Some(out) = &args.out {
+        hub::check_output_path(out, &dir).map_err(err)?;
+    }
+    let m = load_dir(&args.model, &dir, dtype)?;
     let names: Vec<String> = args
         .saves
         .iter()
@@ -105,16 +114,16 @@ pub fn generate(args: GenerateArgs) -> Result<(), String> {
         .collect();
     let mut gen = m.generate(input).options(opts);
     for n in &names {
-        gen = gen.save(n).map_err(|e| e.to_string())?;
+        gen = gen.save(n).map_err(err)?;
         if let Some((a, b)) = steps {
             gen = match b {
                 Some(b) => gen.steps(a, b),
                 None => gen.steps_from(a),
             }
-            .map_err(|e| e.to_string())?;
+            .map_err(err)?;
         }
     }
-    let res = gen.run().map_err(|e| e.to_string())?;
+    let res = gen.run().map_err(err)?;
     for text in &res.texts {
         println!("{text}");
     }
@@ -132,11 +141,18 @@ pub fn generate(args: GenerateArgs) -> Result<(), String> {
                 let t = v
                     .to_dtype(DType::F32)
                     .and_then(|t| t.contiguous())
-                    .map_err(|e| e.to_string())?;
+                    .map_err(candle_err)?;
+                warn_non_finite_value(&key, &t)?;
                 tensors.insert(key, t);
             }
         }
         write_atomic(&tensors, out)?;
+        // stdout holds the continuations; what was written goes to stderr.
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        for n in names {
+            eprintln!("{n} {:?} {:?}", tensors[n].dims(), tensors[n].dtype());
+        }
     }
     Ok(())
 }

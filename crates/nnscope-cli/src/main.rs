@@ -1,7 +1,10 @@
-//! `nnscope`: run traces, print sources, check and discover attention-probability hookpoints.
+//! `nnscope`: save and edit what happens inside transformer language models from the command line:
+//! run traces, print a module's source with its hookpoints, find and check the
+//! attention-probability hookpoint.
 
 use candle_core::{DType, Device, Tensor};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use nnscope::hub::{self, HubOptions};
 use nnscope::{Input, LoadOptions, Model};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,26 +16,42 @@ mod generate_cmd;
 #[command(
     name = "nnscope",
     version,
-    about = "Read and overwrite what happens inside transformer language models"
+    about = "Read and overwrite what happens inside transformer language models",
+    long_about = "Read and overwrite what happens inside transformer language models.\n\n\
+        MODEL is a folder with config.json, safetensors weights and tokenizer.json, or a Hugging Face \
+        Hub id (`owner/name`), taken from the local Hugging Face cache or downloaded into it \
+        (HF_TOKEN for gated models, HF_ENDPOINT, HF_HUB_OFFLINE=1 to never download)."
 )]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
 }
 
+/// Which model to load.
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// Model folder or Hugging Face Hub id (`owner/name`).
+    model: String,
+    /// Branch, tag or commit of a hub id (default: main).
+    #[arg(long)]
+    revision: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run a traced forward and save hookpoint values to a safetensors file.
+    /// Run the model on prompts or token ids and save hookpoint values to a safetensors file.
     Run {
-        /// Model folder or hub id (from the local cache).
-        model: String,
+        #[command(flatten)]
+        model: ModelArgs,
         /// A prompt (repeat for a left-padded batch).
         #[arg(long = "prompt", conflicts_with = "inputs")]
         prompts: Vec<String>,
         /// A safetensors file with `input_ids` (I64 [B, T]) and optionally `attention_mask`.
         #[arg(long)]
         inputs: Option<PathBuf>,
-        /// A standard name or hookpoint path to save; `*` in place of a layer index means every layer.
+        /// A standard name (`layers_output.3`, `attention_probabilities.-1`, `logits`) or hookpoint
+        /// path to save; `*` in place of a layer index means every layer, negative indices count
+        /// from the last layer.
         #[arg(long = "save")]
         saves: Vec<String>,
         /// Output safetensors file (tensors written as float32 under the names as given).
@@ -44,29 +63,62 @@ enum Cmd {
     },
     /// Generate tokens with the key/value cache, saving hookpoint values at every step.
     Generate(generate_cmd::GenerateArgs),
-    /// Run the seed's testing checklist on the model's registered attention-probability hookpoint.
+    /// Check the model's attention-probability hookpoint: it resolves, has the expected shape,
+    /// its rows sum to 1, and changing it changes the output.
     Check {
-        /// Model folder or hub id.
-        model: String,
+        #[command(flatten)]
+        model: ModelArgs,
         /// Print one JSON object instead of a checklist.
         #[arg(long)]
         json: bool,
     },
-    /// Find the attention-probability hookpoint automatically (without the registry).
+    /// Find the attention-probability hookpoint of an architecture automatically, by tracing it.
     FindAttnProbs {
-        /// Model folder or hub id.
-        model: String,
+        #[command(flatten)]
+        model: ModelArgs,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
     },
     /// Print the source listing of a module's forward or of a nested call, with its hookpoints.
     Source {
-        /// Model folder or hub id.
-        model: String,
+        #[command(flatten)]
+        model: ModelArgs,
         /// Module or call path (`attentions.0`, `attentions.0.source.attention_interface_0`).
         path: String,
     },
+    /// Print a shell completion script (e.g. `nnscope completions bash > ~/.local/share/bash-completion/completions/nnscope`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// An error message as one line: candle attaches a backtrace when `RUST_BACKTRACE` is set; it and
+/// anything after it are dropped, and the remaining lines joined.
+fn one_line(msg: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    for l in msg.lines() {
+        let t = l.trim_start();
+        let frame = t
+            .split_once(": ")
+            .is_some_and(|(n, _)| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()));
+        if frame || t.starts_with("stack backtrace:") {
+            break;
+        }
+        if !t.is_empty() {
+            out.push(l.trim());
+        }
+    }
+    out.join(" ")
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    one_line(&e.to_string())
+}
+
+fn candle_err(e: candle_core::Error) -> String {
+    err(nnscope::Error::from(e))
 }
 
 fn parse_dtype(s: &str) -> Result<DType, String> {
@@ -80,14 +132,64 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
     }
 }
 
-fn load(model: &str, dtype: DType) -> Result<Model, String> {
+fn progress() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stderr())
+}
+
+/// The model's folder: as given, from the local cache, or downloaded.
+fn locate(m: &ModelArgs) -> Result<PathBuf, String> {
+    let mut o = HubOptions::from_env();
+    o.revision = m.revision.clone();
+    o.progress = progress();
+    hub::resolve_with(&m.model, &o).map_err(err)
+}
+
+/// Says on stderr which weights hold NaN or infinity (they are loaded all the same).
+fn warn_non_finite_weights(dir: &Path) {
+    let Ok(files) = hub::weight_files(dir) else {
+        return; // the load that follows reports it
+    };
+    if let Ok(bad) = hub::non_finite_tensors(&files) {
+        for (name, file) in bad.iter().take(10) {
+            eprintln!(
+                "warning: weight `{name}` ({}) holds NaN or infinity",
+                file.display()
+            );
+        }
+        if bad.len() > 10 {
+            eprintln!(
+                "warning: ... and {} more weights hold NaN or infinity",
+                bad.len() - 10
+            );
+        }
+    }
+}
+
+fn load_dir(model: &ModelArgs, dir: &Path, dtype: DType) -> Result<Model, String> {
+    warn_non_finite_weights(dir);
     let opts = LoadOptions {
         dtype,
         device: Device::Cpu,
-        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        progress: progress(),
         ..Default::default()
     };
-    Model::load(model, &opts).map_err(|e| e.to_string())
+    // The folder was resolved above; a non-UTF-8 path falls back to what the user gave.
+    match dir.to_str() {
+        Some(d) => Model::load(d, &opts),
+        None => Model::load(
+            &model.model,
+            &LoadOptions {
+                revision: model.revision.clone(),
+                ..opts
+            },
+        ),
+    }
+    .map_err(err)
+}
+
+fn load(model: &ModelArgs, dtype: DType) -> Result<Model, String> {
+    let dir = locate(model)?;
+    load_dir(model, &dir, dtype)
 }
 
 /// `layers_output.*` -> `layers_output.0`, `layers_output.1`, ...
@@ -114,7 +216,7 @@ fn expand_stars(name: &str, num_layers: usize) -> Vec<String> {
 
 fn read_inputs(path: &Path) -> Result<Input, String> {
     let tensors = candle_core::safetensors::load(path, &Device::Cpu)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|e| format!("{}: {}", path.display(), candle_err(e)))?;
     let ids = tensors
         .get("input_ids")
         .ok_or_else(|| format!("{}: no tensor `input_ids`", path.display()))?
@@ -151,6 +253,30 @@ fn check_out(out: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The process's umask (Linux: /proc/self/status), else the common 022.
+fn umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
+}
+
+/// A new file's usual permissions, 0666 less the umask (the safetensors writer creates 0600).
+fn usual_permissions(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666 & !umask()))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
 /// Writes to a temporary file beside `out` and renames it, so a failure leaves nothing partial.
 fn write_atomic(tensors: &HashMap<String, Tensor>, out: &Path) -> Result<(), String> {
     let dir = out
@@ -172,7 +298,8 @@ fn write_atomic(tensors: &HashMap<String, Tensor>, out: &Path) -> Result<(), Str
         std::process::id()
     ));
     let r = candle_core::safetensors::save(tensors, &tmp)
-        .map_err(|e| format!("{}: {e}", out.display()));
+        .map_err(|e| format!("{}: {}", out.display(), candle_err(e)))
+        .and_then(|()| usual_permissions(&tmp).map_err(|e| format!("{}: {e}", out.display())));
     if let Err(e) = r {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
@@ -183,8 +310,37 @@ fn write_atomic(tensors: &HashMap<String, Tensor>, out: &Path) -> Result<(), Str
     })
 }
 
+/// Says on stderr when a saved value holds NaN or infinity.
+fn warn_non_finite_value(name: &str, t: &Tensor) -> Result<(), String> {
+    // Any NaN or infinity makes the sum non-finite; only then are they counted.
+    let sum = t
+        .sum_all()
+        .and_then(|s| s.to_scalar::<f32>())
+        .map_err(candle_err)?;
+    if sum.is_finite() {
+        return Ok(());
+    }
+    let v = t
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(candle_err)?;
+    let nan = v.iter().filter(|x| x.is_nan()).count();
+    let inf = v.iter().filter(|x| x.is_infinite()).count();
+    let what = match (nan, inf) {
+        (0, 0) => return Ok(()),
+        (n, 0) => format!("{n} NaN"),
+        (0, i) => format!("{i} infinite"),
+        (n, i) => format!("{n} NaN and {i} infinite"),
+    };
+    eprintln!(
+        "warning: saved value `{name}` holds {what} values (of {})",
+        v.len()
+    );
+    Ok(())
+}
+
 fn run(
-    model: &str,
+    model: &ModelArgs,
     prompts: Vec<String>,
     inputs: Option<PathBuf>,
     saves: Vec<String>,
@@ -199,7 +355,16 @@ fn run(
         (None, false) => Input::Prompts(prompts),
         (None, true) => return Err("give --prompt TEXT or --inputs IDS.safetensors".into()),
     };
-    let m = load(model, dtype)?;
+    if saves.is_empty() {
+        return Err(
+            "give at least one --save NAME (a standard name such as `logits`, or a hookpoint path)"
+                .into(),
+        );
+    }
+    let dir = locate(model)?;
+    // Never write over a file the model is loaded from.
+    hub::check_output_path(&out, &dir).map_err(err)?;
+    let m = load_dir(model, &dir, dtype)?;
     let names: Vec<String> = saves
         .iter()
         .flat_map(|s| expand_stars(s, m.num_layers()))
@@ -211,41 +376,51 @@ fn run(
             derived.push(n.clone());
             continue;
         }
-        trace = trace.save(n).map_err(|e| e.to_string())?;
+        trace = trace.save(n).map_err(err)?;
     }
-    let res = trace.run().map_err(|e| e.to_string())?;
+    let res = trace.run().map_err(err)?;
     let mut tensors = HashMap::new();
+    let mut order = Vec::new();
     for n in &names {
+        if tensors.contains_key(n) {
+            continue;
+        }
         let t = if derived.contains(n) {
-            res.next_token_probs().map_err(|e| e.to_string())?
+            res.next_token_probs().map_err(err)?
         } else {
-            res.get(n).map_err(|e| e.to_string())?.clone()
+            res.get(n).map_err(err)?.clone()
         };
         let t = t
             .to_dtype(DType::F32)
             .and_then(|t| t.contiguous())
-            .map_err(|e| e.to_string())?;
+            .map_err(candle_err)?;
+        warn_non_finite_value(n, &t)?;
+        order.push(n.clone());
         tensors.insert(n.clone(), t);
     }
-    write_atomic(&tensors, &out)
+    write_atomic(&tensors, &out)?;
+    for n in &order {
+        println!("{n} {:?} float32", tensors[n].dims());
+    }
+    Ok(())
 }
 
-fn source(model: &str, path: &str) -> Result<(), String> {
+fn source(model: &ModelArgs, path: &str) -> Result<(), String> {
     let m = load(model, DType::F32)?;
-    let info = nnscope::trace::path::resolve_function(&m, path).map_err(|e| e.to_string())?;
+    let info = nnscope::trace::path::resolve_function(&m, path).map_err(err)?;
     println!("{}  ({}:{})", info.name, info.file, info.first_line);
     print!("{}", nnscope::trace::listing(info, None));
     Ok(())
 }
 
-fn check(model: &str, json: bool) -> Result<bool, String> {
+fn check(model: &ModelArgs, json: bool) -> Result<bool, String> {
     let m = match load(model, DType::F32) {
         Ok(m) => m,
         Err(e) => {
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({"model": model, "checks": {"loads": false}, "passed": false, "error": e})
+                    serde_json::json!({"model": model.model, "checks": {"loads": false}, "passed": false, "error": e})
                 );
                 return Ok(false);
             }
@@ -292,9 +467,9 @@ fn check(model: &str, json: bool) -> Result<bool, String> {
     Ok(r.passed)
 }
 
-fn find_attn_probs(model: &str, json: bool) -> Result<(), String> {
+fn find_attn_probs(model: &ModelArgs, json: bool) -> Result<(), String> {
     let m = load(model, DType::F32)?;
-    let d = nnscope::discover::find_attention_probabilities(&m).map_err(|e| e.to_string())?;
+    let d = nnscope::discover::find_attention_probabilities(&m).map_err(err)?;
     if json {
         println!("{}", serde_json::to_string(&d).map_err(|e| e.to_string())?);
         return Ok(());
@@ -314,7 +489,7 @@ fn find_attn_probs(model: &str, json: bool) -> Result<(), String> {
     }
     println!("\n{}", d.listing);
     println!(
-        "registry row (crates/nnscope/src/models/mod.rs):\n{}",
+        "to register it, add this row to ARCHITECTURES in crates/nnscope/src/models/mod.rs:\n{}",
         d.registry_row()
     );
     Ok(())
@@ -334,6 +509,15 @@ fn main() -> ExitCode {
             dtype,
         } => run(&model, prompts, inputs, saves, out, &dtype),
         Cmd::Generate(args) => generate_cmd::generate(args),
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "nnscope",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
         Cmd::Source { model, path } => source(&model, &path),
         Cmd::FindAttnProbs { model, json } => find_attn_probs(&model, json),
         Cmd::Check { model, json } => match check(&model, json) {
@@ -345,7 +529,7 @@ fn main() -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", e.replace('\n', " "));
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }

@@ -45,6 +45,7 @@ fn hub_id_from_local_cache() {
             .env("HF_HUB_CACHE", &cache)
             .env_remove("HF_HOME")
             .env("HOME", &tmp.0)
+            .env("HF_HUB_OFFLINE", "1")
             .output()
             .unwrap()
     };
@@ -57,7 +58,7 @@ fn hub_id_from_local_cache() {
     let saved = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
     let mask = g.t["single.attention_mask"].clone();
     common::assert_hidden("hub.logits", &saved["logits"], &g.t["single.logits"], &mask);
-    // An id that is not in the cache is a one-line error, not a download.
+    // An id that is not in the cache is a one-line error (offline: no download).
     let o = run("tiny-org/absent");
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);

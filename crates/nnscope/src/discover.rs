@@ -1,10 +1,10 @@
-//! The seed's workflow, done by the machine: find the hookpoint that yields attention probabilities
-//! ([`find_attention_probabilities`]) and run the seed's testing checklist on the registered one
+//! Finding the attention probabilities automatically: find the hookpoint that yields them
+//! ([`find_attention_probabilities`]) and run the checks on the registered one
 //! ([`check`]).
 //!
 //! Discovery never reads the registry. It traces a short input, walks every hookpoint under
 //! `attentions.0` (its source, nested module sources such as DBRX's `.attn`, and the nested `.source`
-//! of calls), scores each tensor as a probability candidate, ranks the candidates by the seed's
+//! of calls), scores each tensor as a probability candidate, ranks the candidates by this
 //! priority order, and confirms the winner by editing it.
 
 use crate::models::ProbShape;
@@ -30,7 +30,7 @@ pub struct Candidate {
     pub causal: bool,
     /// Rows sum to 1 within 1e-5.
     pub sums_to_one: bool,
-    /// The seed's priority (0 first): 0 a dropout inside `attention_interface_0`,
+    /// The priority (0 first): 0 a dropout inside `attention_interface_0`,
     /// 1 `nn_functional_dropout_N`, 2 a module dropout (`self_attn_dropout_N`, ...), 3 `F_softmax_N`,
     /// 4 anything else.
     pub priority: u8,
@@ -73,7 +73,7 @@ impl Discovery {
     }
 }
 
-/// The probe input: a few tokens, as the seed's `th.tensor([[1, 2, 3]])`.
+/// The probe input: a few tokens, as `torch.tensor([[1, 2, 3]])` in a Python trace.
 fn probe_ids(model: &Model, n: usize) -> Result<Tensor> {
     let v = model.vocab_size().max(2) as u32;
     let ids: Vec<u32> = (0..n as u32).map(|i| 1 + i % (v - 1)).collect();
@@ -146,7 +146,7 @@ fn stats(t: &Tensor, heads: usize, tokens: usize) -> Result<Option<RowStats>> {
     Ok(Some((non_negative, causal, smin, smax, sums)))
 }
 
-/// Runs the seed's discovery workflow on `model` without consulting the registry.
+/// Runs discovery on `model` without consulting the registry.
 pub fn find_attention_probabilities(model: &Model) -> Result<Discovery> {
     let structure = model.structure()?;
     let names = model.names();
@@ -198,7 +198,7 @@ pub fn find_attention_probabilities(model: &Model) -> Result<Discovery> {
         }
     }
     // Rows summing to 1 first (a partial sum, as with sinks, only when nothing sums to 1), then the
-    // seed's priority, then the latest hookpoint (the value that multiplies V comes last).
+    // priority, then the latest hookpoint (the value that multiplies V comes last).
     let order: Vec<usize> = (0..cands.len()).collect();
     let mut order = order;
     order.sort_by_key(|&i| {
@@ -321,7 +321,7 @@ fn edit_changes_output(model: &Model, path: &str, ids: &Tensor) -> Result<bool> 
     Ok(d > 1e-6)
 }
 
-/// The outcome of the seed's testing checklist on a model's registered hookpoint.
+/// The outcome of the checks on a model's registered hookpoint.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CheckReport {
     /// The Hugging Face class.
@@ -339,7 +339,7 @@ pub struct CheckReport {
     pub failures: Vec<(String, String)>,
 }
 
-/// The seed's checklist.
+/// The checks.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Checks {
     /// The model loads (nnscope always runs eager attention, so there is no probabilities-off mode).
@@ -358,7 +358,7 @@ pub struct Checks {
     pub registered: bool,
 }
 
-/// Runs the seed's testing checklist on `model` (already loaded: `loads` is true).
+/// Runs the checks on `model` (already loaded: `loads` is true).
 pub fn check(model: &Model) -> CheckReport {
     let mut c = Checks {
         loads: true,

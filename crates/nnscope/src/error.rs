@@ -46,6 +46,14 @@ pub enum Error {
         /// What is wrong.
         msg: String,
     },
+    /// An output path cannot be written (it would overwrite a file the model was loaded from).
+    #[error("output {path}: {msg}")]
+    Output {
+        /// The output path as given.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
     /// Model inputs are unusable.
     #[error("input: {0}")]
     Input(String),
@@ -110,9 +118,78 @@ pub enum Error {
         /// The edit's error.
         msg: String,
     },
+    /// A download from the Hugging Face Hub failed.
+    #[error("`{repo}` on the Hugging Face Hub: {msg}")]
+    Hub {
+        /// The repository id (`owner/name`).
+        repo: String,
+        /// What kind of failure, for programs that react to it.
+        kind: HubErrorKind,
+        /// What is wrong and what to do.
+        msg: String,
+    },
     /// A tensor operation failed.
-    #[error("{0}")]
-    Tensor(#[from] candle_core::Error),
+    #[error("{}", crate::error::candle_message(.0))]
+    Tensor(candle_core::Error),
+}
+
+/// What went wrong talking to the Hugging Face Hub (see [`Error::Hub`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HubErrorKind {
+    /// No such repository (or it is private and the token cannot see it).
+    RepoNotFound,
+    /// No such revision (branch, tag or commit) in the repository.
+    RevisionNotFound,
+    /// A file the repository lists could not be found.
+    EntryNotFound,
+    /// The repository is gated or private and the request had no token, or a token without access.
+    Gated,
+    /// The hub could not be reached (no network, refused connection, timeout, cut transfer).
+    Network,
+    /// The repository has no safetensors weights (only pickle files, or nothing).
+    NotSafetensors,
+    /// A downloaded file does not match the checksum (or size) the hub announced; it was deleted.
+    Checksum,
+    /// Any other unexpected answer (server error, malformed reply, redirect without a target).
+    Protocol,
+    /// Writing to the cache failed.
+    Cache,
+}
+
+/// candle attaches a backtrace to its errors when `RUST_BACKTRACE` is set; nnscope's errors stay
+/// one readable line, so the backtrace is dropped (the message and any context are kept).
+pub fn strip_backtrace(e: candle_core::Error) -> candle_core::Error {
+    use candle_core::Error as E;
+    match e {
+        E::WithBacktrace { inner, .. } => strip_backtrace(*inner),
+        E::Context { inner, context } => E::Context {
+            inner: Box::new(strip_backtrace(*inner)),
+            context,
+        },
+        E::WithPath { inner, path } => E::WithPath {
+            inner: Box::new(strip_backtrace(*inner)),
+            path,
+        },
+        other => other,
+    }
+}
+
+/// A candle error as one line: without the backtrace candle attaches when `RUST_BACKTRACE` is set
+/// (however the error was wrapped), context before the message.
+pub(crate) fn candle_message(e: &candle_core::Error) -> String {
+    use candle_core::Error as E;
+    match e {
+        E::WithBacktrace { inner, .. } => candle_message(inner),
+        E::Context { inner, context } => format!("{context}: {}", candle_message(inner)),
+        E::WithPath { inner, path } => format!("{}: {}", path.display(), candle_message(inner)),
+        other => other.to_string().replace('\n', " "),
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Tensor(strip_backtrace(e))
+    }
 }
 
 /// `1.5 GiB`, `12.0 MiB`, `300 B`.

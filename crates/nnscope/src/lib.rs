@@ -37,7 +37,7 @@ pub mod standard;
 pub mod trace;
 
 pub use alloc::keep_freed_memory;
-pub use error::{nearest, Error, Result};
+pub use error::{nearest, strip_backtrace, Error, HubErrorKind, Result};
 pub use generate::{GenerateOptions, GenerateOutput};
 pub use model::{Input, LoadOptions, Model};
 pub use session::{PlanBuilder, Trace, TraceOutput};

@@ -23,6 +23,10 @@ pub struct LoadOptions {
     pub rename: crate::standard::RenameConfig,
     /// Check the standard names on a two-token input at load (nnterp's `check_model_renaming`).
     pub check_renaming: bool,
+    /// Branch, tag or commit of a hub id (default `main`).
+    pub revision: Option<String>,
+    /// Never download: a hub id must be in the local cache (also set by `HF_HUB_OFFLINE=1`).
+    pub offline: bool,
 }
 
 impl Default for LoadOptions {
@@ -33,6 +37,8 @@ impl Default for LoadOptions {
             progress: false,
             rename: Default::default(),
             check_renaming: true,
+            revision: None,
+            offline: false,
         }
     }
 }
@@ -173,9 +179,13 @@ fn read(path: &Path) -> Result<String> {
 
 impl Model {
     /// Loads MODEL: a folder with config.json, safetensors weights and tokenizer.json, or a hub id
-    /// found in the local Hugging Face cache.
+    /// found in the local Hugging Face cache or downloaded into it (see [`hub::resolve_with`]).
     pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
-        let dir = hub::resolve(model)?;
+        let mut hub_opts = hub::HubOptions::from_env();
+        hub_opts.revision = opts.revision.clone();
+        hub_opts.offline |= opts.offline;
+        hub_opts.progress = opts.progress;
+        let dir = hub::resolve_with(model, &hub_opts)?;
         let cfg_path = dir.join("config.json");
         if !cfg_path.is_file() {
             return Err(Error::ModelNotFound {
@@ -218,7 +228,7 @@ impl Model {
                 } else {
                     dir.join("model.safetensors.index.json")
                 },
-                msg: t.to_string(),
+                msg: crate::error::candle_message(&t),
             },
             other => other,
         })?;

@@ -279,11 +279,30 @@ pub fn expand(model: &Model, path: &str) -> Result<String> {
     let mut rp = rest.splitn(2, '.');
     let idx_s = rp.next().unwrap_or("");
     let tail = rp.next();
-    let idx: usize = idx_s.parse().map_err(|_| Error::Hookpoint {
+    let signed: i64 = idx_s.parse().map_err(|_| Error::Hookpoint {
         path: path.into(),
         msg: format!("`{idx_s}` is not a layer index"),
         suggestions: vec![],
     })?;
+    // Negative indices count from the end, as in Python: `-1` is the last layer.
+    let idx = if signed < 0 {
+        let from_end = signed.unsigned_abs() as usize;
+        if from_end > n.num_layers {
+            return Err(Error::Hookpoint {
+                path: path.into(),
+                msg: format!(
+                    "layer {signed} is before the first layer: the model has {} layers (0..{}, or -{}..-1)",
+                    n.num_layers,
+                    n.num_layers.saturating_sub(1),
+                    n.num_layers
+                ),
+                suggestions: vec![format!("{head}.-{}", n.num_layers)],
+            });
+        }
+        n.num_layers - from_end
+    } else {
+        usize::try_from(signed).unwrap_or(usize::MAX)
+    };
     if idx >= n.num_layers {
         return Err(Error::Hookpoint {
             path: path.into(),

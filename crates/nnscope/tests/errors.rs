@@ -126,15 +126,19 @@ fn unreadable_config() {
 #[test]
 fn hub_id_not_in_cache() {
     // The environment is left alone here (the CLI test points HF_HUB_CACHE at an empty folder);
-    // no cache anywhere holds this id.
-    let e = Model::load("nnscope-test-owner/no-such-model", &LoadOptions::default()).unwrap_err();
+    // no cache anywhere holds this id, and `offline` keeps the test off the network.
+    let opts = LoadOptions {
+        offline: true,
+        ..Default::default()
+    };
+    let e = Model::load("nnscope-test-owner/no-such-model", &opts).unwrap_err();
     assert!(matches!(e, Error::ModelNotFound { .. }), "{e:?}");
     assert_has(
         &e.to_string(),
         &[
             "not in the local Hugging Face cache (looked in",
             "models--nnscope-test-owner--no-such-model",
-            "never downloads",
+            "nothing is downloaded while HF_HUB_OFFLINE is set",
         ],
     );
 }

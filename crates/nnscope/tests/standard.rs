@@ -395,3 +395,41 @@ fn renaming_overrides_are_checked() {
     let e = Model::load(path.to_str().unwrap(), &opts).unwrap_err();
     assert!(e.to_string().contains("RenameConfig::mlp"), "{e}");
 }
+
+#[test]
+fn negative_layer_indices_count_from_the_end() {
+    let model = common::load("llama");
+    let n = model.num_layers();
+    for name in [
+        "layers",
+        "attentions",
+        "mlps",
+        "layers_input",
+        "layers_output",
+        "attentions_output",
+        "mlps_input",
+        "attention_probabilities",
+    ] {
+        let expand = |i: &str| nnscope::standard::expand(&model, &format!("{name}.{i}")).unwrap();
+        assert_eq!(expand("-1"), expand(&(n - 1).to_string()), "{name}");
+        assert_eq!(expand(&format!("-{n}")), expand("0"), "{name}");
+    }
+    let e = model
+        .resolve(&format!("layers_output.-{}", n + 1))
+        .unwrap_err();
+    assert!(e.to_string().contains("before the first layer"), "{e}");
+    // Saved under the name as given; the value is transformers' last hidden layer output.
+    let g = common::golden("llama");
+    let out = model
+        .trace(Input::ids(g.t["single.input_ids"].clone()))
+        .save("layers_output.-1")
+        .unwrap()
+        .run()
+        .unwrap();
+    common::assert_hidden(
+        "layers_output.-1",
+        out.get("layers_output.-1").unwrap(),
+        &g.t[&format!("single.layers_output.{}", n - 1)],
+        &g.t["single.attention_mask"],
+    );
+}
