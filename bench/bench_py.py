@@ -3,6 +3,9 @@
 One measurement per process, so that the peak resident memory printed belongs to it alone:
   python bench_py.py --mode eager|nnsight --model DIR --batch B --tokens T [--warmup N] [--iters N]
   python bench_py.py --mode matmul --sizes 512,1024,2048
+  python bench_py.py --mode generate|nnsight-generate --model DIR --batch B --tokens T --new N
+    (greedy generate() with the KV cache, exactly N new tokens; nnsight-generate saves every
+    layer's output at every step through tracer.all(); both also time N = 1: time to first token)
 Prints one JSON line per measurement. Threads: --threads (default 2) -> torch.set_num_threads.
 """
 
@@ -74,7 +77,8 @@ def layer_envoy(model, arch, layer):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", required=True, choices=["eager", "nnsight", "matmul"])
+    ap.add_argument("--mode", required=True, choices=["eager", "nnsight", "matmul", "generate", "nnsight-generate"])
+    ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--model")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=128)
@@ -111,10 +115,46 @@ def main():
     x = ids(a.batch, a.tokens, hf.config.vocab_size)
     common.update({"transformers": transformers.__version__})
 
+    first = None
     if a.mode == "eager":
         def fn():
             with torch.inference_mode():
                 return hf(input_ids=x, use_cache=False).logits
+    elif a.mode == "generate":
+        mask = torch.ones_like(x)
+
+        def gen(n):
+            with torch.inference_mode():
+                out = hf.generate(input_ids=x, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, use_cache=True, pad_token_id=0)
+            assert out.shape[1] == x.shape[1] + n
+            return out
+
+        first = timeit(lambda: gen(1), a.warmup, a.iters)
+        fn = lambda: gen(a.new)
+    elif a.mode == "nnsight-generate":
+        import nnsight
+        from nnsight import LanguageModel
+
+        tok = transformers.AutoTokenizer.from_pretrained(a.model)
+        model = LanguageModel(hf, tokenizer=tok)
+        common.update({"nnsight": nnsight.__version__})
+        mask = torch.ones_like(x)
+
+        def gen(n):
+            with torch.inference_mode():
+                with model.generate({"input_ids": x, "attention_mask": mask}, max_new_tokens=n,
+                                    min_new_tokens=n, do_sample=False, pad_token_id=0) as tracer:
+                    saved = list().save()
+                    with tracer.all():
+                        for layer in range(layers):
+                            saved.append(layer_envoy(model, arch, layer).output)
+            if len(saved) != layers * n:
+                raise RuntimeError(f"expected {layers * n} saves, got {len(saved)}")
+            return saved
+
+        first = timeit(lambda: gen(1), a.warmup, a.iters)
+        fn = lambda: gen(a.new)
     else:
         import nnsight
         from nnsight import LanguageModel
@@ -140,7 +180,9 @@ def main():
     reset = reset_peak_rss()
     mn, med = timeit(fn, a.warmup, a.iters)
     fwd_peak = peak_rss_mib()
-    contender = "transformers" if a.mode == "eager" else "nnsight"
+    contender = "transformers" if a.mode in ("eager", "generate") else "nnsight"
+    if first is not None:
+        common.update({"new": a.new, "first_min_ms": first[0], "first_median_ms": first[1]})
     print(json.dumps({"contender": contender, "mode": a.mode, "model": a.model, "batch": a.batch,
                       "tokens": a.tokens, "iters": a.iters, "min_ms": mn, "median_ms": med,
                       "peak_rss_mib": max(load_peak, fwd_peak),

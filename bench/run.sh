@@ -14,6 +14,9 @@
 #   BENCH_FEATURES  cargo features for nnscope's matmul kernel. Default "dnnl" (oneDNN, installed with
 #                   apt-get when missing and run as root); "" = candle's own kernel; "openblas".
 #   BENCH_7B=1      also build a 7B-shaped bfloat16 LLaMA (13.5 GB) and trace 32 tokens through it
+#   BENCH_SUITE     what to measure: "forward generate" (default), "forward" or "generate"
+#                   (generate: greedy generation, 128-token prompt + 32 new tokens, batch 1 and 8)
+#   BENCH_TORCH_INDEX  a pip index URL for torch (default: the default package index)
 #   CARGO_TARGET_DIR  honoured (the bench binaries are copied out of it)
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -26,6 +29,7 @@ ITERS="${BENCH_ITERS:-10}"
 WARMUP="${BENCH_WARMUP:-2}"
 ROUNDS="${BENCH_ROUNDS:-2}"
 MODELS="${BENCH_MODELS:-gpt2 llama}"
+SUITE="${BENCH_SUITE:-forward generate}"
 FEATURES="${BENCH_FEATURES-dnnl}"
 # The same thread count for everyone: candle (rayon + gemm), torch (OpenMP / intra-op), BLAS.
 export RAYON_NUM_THREADS="$THREADS" OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS" \
@@ -52,8 +56,13 @@ else
             fi
         fi
         "$PY" -m pip install --upgrade pip >/dev/null
-        # CPU wheels: this benchmark runs on the CPU; the CUDA build would only add gigabytes.
-        "$PY" -m pip install torch --index-url "${BENCH_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+        # torch from the default package index (reachable everywhere this project runs); a CPU-only
+        # wheel index can be given with BENCH_TORCH_INDEX to save download size.
+        if [[ -n "${BENCH_TORCH_INDEX:-}" ]]; then
+            "$PY" -m pip install torch --index-url "$BENCH_TORCH_INDEX"
+        else
+            "$PY" -m pip install torch
+        fi
         "$PY" -m pip install transformers nnsight safetensors
     fi
 fi
@@ -130,8 +139,23 @@ run_shape() { # model-dir batch tokens iters
     measure "$PY" "$HERE/bench_py.py" --mode nnsight "${common[@]}" --threads "$THREADS"
 }
 
+# Generation: greedy, exactly 32 new tokens after a 128-token prompt, KV cache on every side;
+# plain (nnscope vs transformers' generate()) and traced (every layer's output at every step: nnscope
+# vs nnsight's generate() with tracer.all()). Each also times one new token (time to first token).
+run_generate() { # model-dir batch iters
+    local m="$1" b="$2" it="$3"
+    local common=(--model "$m" --batch "$b" --tokens 128 --new 32 --warmup 1 --iters "$it")
+    log "$(basename "$m") generate ${b}x128+32"
+    measure "$WORK/bench-hooks" --mode generate "${common[@]}"
+    measure "$WORK/bench-hooks" --mode generate-traced "${common[@]}"
+    measure "$PY" "$HERE/bench_py.py" --mode generate "${common[@]}" --threads "$THREADS"
+    measure "$PY" "$HERE/bench_py.py" --mode nnsight-generate "${common[@]}" --threads "$THREADS"
+}
+
 BIG_ITERS=$(( ITERS / 2 > 3 ? ITERS / 2 : 3 ))
+GEN_ITERS=$(( ITERS / 3 > 2 ? ITERS / 3 : 2 ))
 for round in $(seq 1 "$ROUNDS"); do
+  if [[ " $SUITE " == *" forward "* ]]; then
     log "round $round of $ROUNDS"
     log "matrix-multiply peak (torch) and candle/nnscope's Linear kernel"
     matmul_lines "$PY" "$HERE/bench_py.py" --mode matmul --sizes 512,1024,2048 --iters 10 --threads "$THREADS"
@@ -143,6 +167,13 @@ for round in $(seq 1 "$ROUNDS"); do
         run_shape "$WORK/checkpoints/$m" 1 128 "$ITERS"
         run_shape "$WORK/checkpoints/$m" 8 128 "$BIG_ITERS"
     done
+  fi
+  if [[ " $SUITE " == *" generate "* ]]; then
+    for m in $MODELS; do
+        run_generate "$WORK/checkpoints/$m" 1 "$GEN_ITERS"
+        run_generate "$WORK/checkpoints/$m" 8 2
+    done
+  fi
 done
 if [[ "${BENCH_7B:-0}" == 1 ]]; then
     log "7B-shaped LLaMA, bfloat16, traced forward of 32 tokens"
@@ -151,5 +182,11 @@ if [[ "${BENCH_7B:-0}" == 1 ]]; then
 fi
 
 # --- Report ----------------------------------------------------------------------------------
-"$PY" "$HERE/report.py" "$OUT" "$WORK/checkpoints" >"$HERE/RESULTS.md"
+if [[ " $SUITE " == *" forward "* ]]; then
+    "$PY" "$HERE/report.py" "$OUT" "$WORK/checkpoints" >"$HERE/RESULTS.md"
+fi
+if [[ " $SUITE " == *" generate "* ]]; then
+    # Replaces the generation section of RESULTS.md (or appends it).
+    "$PY" "$HERE/report_generate.py" "$OUT" "$HERE/RESULTS.md"
+fi
 log "wrote $HERE/RESULTS.md"

@@ -3,7 +3,12 @@
 //! ```text
 //! bench --model DIR --batch B --tokens T --mode plain|traced [--warmup N] [--iters N]
 //! bench --mode matmul --sizes 512,1024,2048 [--iters N]
+//! bench --model DIR --batch B --tokens T --mode generate|generate-traced --new N [--warmup N] [--iters N]
 //! ```
+//!
+//! `generate` is greedy `Model::generate` of exactly N new tokens (end-of-sequence ignored) with the
+//! key/value cache; `generate-traced` also saves every layer's output at every step (what
+//! bench_py.py asks nnsight's `generate()` for). Both also time N = 1 (time to first token).
 //!
 //! `plain` is `Model::forward`; `traced` is a trace saving every layer's attention probabilities and
 //! output (`attention_probabilities.L`, `layers_output.L`), the same saves bench/bench_py.py asks
@@ -49,6 +54,7 @@ struct Args {
     iters: usize,
     sizes: Vec<usize>,
     dtype: DType,
+    new: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -61,6 +67,7 @@ fn parse_args() -> Result<Args, String> {
         iters: 10,
         sizes: vec![512, 1024, 2048],
         dtype: DType::F32,
+        new: 32,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -80,6 +87,7 @@ fn parse_args() -> Result<Args, String> {
             "--tokens" => a.tokens = num()?,
             "--warmup" => a.warmup = num()?,
             "--iters" => a.iters = num()?,
+            "--new" => a.new = num()?,
             "--sizes" => {
                 a.sizes = val
                     .split(',')
@@ -183,6 +191,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     // Peak so far (loading), then the peak of the forwards alone.
     let load_peak = peak_rss_mib();
     let reset = reset_peak_rss();
+    let mut first_token: Option<(f64, f64)> = None;
+    let args_new = a.new;
     let (mn, med) = match a.mode.as_str() {
         "plain" => time(a.warmup, a.iters, || {
             let logits = model.forward(&Input::ids(input_ids.clone()))?;
@@ -213,7 +223,48 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 Ok(())
             })?
         }
-        other => return Err(format!("unknown --mode {other} (plain, traced, matmul)").into()),
+        "generate" | "generate-traced" => {
+            let traced = a.mode == "generate-traced";
+            if traced && !instrumented() {
+                return Err("generate-traced needs the `hooks` feature (the default)".into());
+            }
+            let gen = |n: usize| -> Result<(), Box<dyn std::error::Error>> {
+                let mut g = model
+                    .generate(Input::ids(input_ids.clone()))
+                    .max_new_tokens(n)
+                    .ignore_eos(true);
+                if traced {
+                    for l in 0..layers {
+                        g = g.save(&format!("layers_output.{l}"))?;
+                    }
+                }
+                let out = g.run()?;
+                if traced && out.saved.len() != layers * n {
+                    return Err(
+                        format!("expected {} saves, got {}", layers * n, out.saved.len()).into(),
+                    );
+                }
+                std::hint::black_box(out);
+                Ok(())
+            };
+            let (fmn, fmed) = time(a.warmup, a.iters, || gen(1))?;
+            let r = time(a.warmup, a.iters, || gen(a.new))?;
+            first_token = Some((fmn, fmed));
+            r
+        }
+        other => {
+            return Err(format!(
+                "unknown --mode {other} (plain, traced, matmul, generate, generate-traced)"
+            )
+            .into())
+        }
+    };
+    let first = match first_token {
+        Some((a, b)) => format!(
+            ",\"new\":{},\"first_min_ms\":{a:.3},\"first_median_ms\":{b:.3}",
+            args_new
+        ),
+        None => String::new(),
     };
     let fwd_peak = peak_rss_mib();
     let num = |v: Option<f64>| {
@@ -226,7 +277,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     });
     let fwd_rss = num(if reset { fwd_peak } else { None });
     println!(
-        "{{\"contender\":\"nnscope\",\"mode\":\"{}\",\"model\":\"{}\",\"batch\":{},\"tokens\":{},\"iters\":{},\"min_ms\":{mn:.3},\"median_ms\":{med:.3},\"peak_rss_mib\":{rss},\"forward_peak_rss_mib\":{fwd_rss},\"load_ms\":{load_ms:.1},\"instrumented\":{},\"threads\":\"{threads}\",\"backend\":\"{backend}\",\"dtype\":\"{:?}\"}}",
+        "{{\"contender\":\"nnscope\",\"mode\":\"{}\",\"model\":\"{}\",\"batch\":{},\"tokens\":{},\"iters\":{},\"min_ms\":{mn:.3},\"median_ms\":{med:.3},\"peak_rss_mib\":{rss},\"forward_peak_rss_mib\":{fwd_rss},\"load_ms\":{load_ms:.1},\"instrumented\":{},\"threads\":\"{threads}\",\"backend\":\"{backend}\",\"dtype\":\"{:?}\"{first}}}",
         a.mode,
         a.model.replace('\\', "\\\\").replace('"', "\\\""),
         a.batch,
