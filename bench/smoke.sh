@@ -23,6 +23,8 @@ check "$BIN" --mode matmul --sizes 64,256 --warmup 1 --iters 3
 check "$BIN" --mode plain --model "$FIX" --batch 1 --tokens 16 --warmup 1 --iters 5
 check "$BIN" --mode traced --model "$FIX" --batch 1 --tokens 16 --warmup 1 --iters 5
 check "$BIN" --mode traced --model "$ROOT/tests/fixtures/gpt2" --batch 2 --tokens 8 --warmup 1 --iters 3
+check "$BIN" --mode generate --model "$FIX" --batch 2 --tokens 8 --new 4 --warmup 1 --iters 2
+check "$BIN" --mode generate-traced --model "$ROOT/tests/fixtures/gpt2" --batch 2 --tokens 8 --new 4 --warmup 1 --iters 2
 if [[ "${SMOKE_NOHOOKS:-0}" == 1 ]]; then
     cargo build --release -p nnscope --example bench --no-default-features
     check "$BIN" --mode plain --model "$FIX" --batch 1 --tokens 16 --warmup 1 --iters 5
