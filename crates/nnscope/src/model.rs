@@ -564,14 +564,25 @@ impl Model {
             ("mlps_output.0", "mlp"),
             ("ln_final.output", "ln_final"),
         ];
+        // A model without a final norm (post-norm OPT) has no `ln_final` to check.
+        let names: Vec<(&str, &str)> = names
+            .into_iter()
+            .filter(|(n, _)| !n.starts_with("ln_final") || self.names.ln_final.is_some())
+            .collect();
         let mut tr = self.trace(Input::ids(ids));
-        for (n, _) in names {
+        for &(n, _) in &names {
             tr = tr.save(n)?;
         }
         let out = tr.run()?;
-        for (n, option) in names {
+        for &(n, option) in &names {
             let t = out.get(n)?;
-            if t.dims() != [1, 2, hidden] {
+            // Embeddings may be narrower than the hidden size (OPT's `word_embed_proj_dim`).
+            let ok = if n == "token_embeddings" {
+                t.rank() == 3 && t.dims()[..2] == [1, 2]
+            } else {
+                t.dims() == [1, 2, hidden]
+            };
+            if !ok {
                 return Err(Error::Config {
                     path: self.config.path.clone(),
                     msg: format!(

@@ -458,10 +458,12 @@ impl Model {
         // logits are then exactly lm_head(ln_final(h)), whatever the architecture.
         let ids = Tensor::zeros((b, t), candle_core::DType::U32, &self.device)?;
         let h = h.to_dtype(self.dtype)?;
-        let out = self
-            .trace(Input::ids(ids))
-            .set("ln_final.input", h)?
-            .run()?;
+        // Without a final norm (post-norm OPT), `h` replaces the last layer's output instead.
+        let at = match self.names.ln_final {
+            Some(_) => "ln_final.input".to_string(),
+            None => format!("layers_output.{}", self.num_layers().saturating_sub(1)),
+        };
+        let out = self.trace(Input::ids(ids)).set(&at, h)?.run()?;
         out.logits.ok_or_else(|| Error::Input("no logits".into()))
     }
 

@@ -98,6 +98,11 @@ pub const RULES: &[Rule] = &[
     },
 ];
 
+/// Feed-forward layers that sit in the decoder layer itself, with no MLP module around them
+/// (OPT's `fc1` ... `fc2`): then `mlps_input.L` is the first's input and `mlps_output.L` the
+/// second's output, and there is no `mlps.L` module.
+pub const SPLIT_MLPS: &[(&str, &str)] = &[("fc1", "fc2")];
+
 /// Per-model overrides of the renaming, as full Hugging Face paths (`layers`, `embed_tokens`,
 /// `ln_final`, `lm_head`) or attribute names inside a layer (`attention`, `mlp`).
 #[derive(Debug, Clone, Default)]
@@ -125,12 +130,17 @@ pub struct StandardNames {
     pub num_layers: usize,
     /// Attention's attribute inside a layer (`self_attn`).
     pub attention: String,
-    /// MLP's attribute inside a layer (`mlp`).
-    pub mlp: String,
+    /// MLP's attribute inside a layer (`mlp`); `None` when the feed-forward layers sit in the layer
+    /// itself (see [`SPLIT_MLPS`] and `mlp_split`).
+    pub mlp: Option<String>,
+    /// The first and last feed-forward layers inside a layer when there is no MLP module (OPT:
+    /// `fc1`, `fc2`).
+    pub mlp_split: Option<(String, String)>,
     /// Path of the token embedding (`model.embed_tokens`).
     pub embed_tokens: String,
-    /// Path of the final norm (`model.norm`).
-    pub ln_final: String,
+    /// Path of the final norm (`model.norm`); `None` for models without one (OPT with
+    /// `do_layer_norm_before: false`).
+    pub ln_final: Option<String>,
     /// Path of the output head (`lm_head`).
     pub lm_head: String,
 }
@@ -210,7 +220,19 @@ impl StandardNames {
                 .ok_or_else(|| missing(standard, opt, table))
         };
         let attention = child("self_attn", &rename.attention, "attention")?;
-        let mlp = child("mlp", &rename.mlp, "mlp")?;
+        // No MLP module: feed-forward layers directly in the layer (as data: SPLIT_MLPS).
+        let mlp_split = match &rename.mlp {
+            Some(_) => None,
+            None if rule("mlp").iter().any(|a| exists(&format!("{first}.{a}"))) => None,
+            None => SPLIT_MLPS
+                .iter()
+                .find(|(a, b)| exists(&format!("{first}.{a}")) && exists(&format!("{first}.{b}")))
+                .map(|(a, b)| (a.to_string(), b.to_string())),
+        };
+        let mlp = match mlp_split {
+            Some(_) => None,
+            None => Some(child("mlp", &rename.mlp, "mlp")?),
+        };
         let top = |standard: &str, over: &Option<String>, opt: &str| -> Result<String> {
             if let Some(o) = over {
                 return if exists(o) {
@@ -230,12 +252,17 @@ impl StandardNames {
         };
         Ok(StandardNames {
             embed_tokens: top("embed_tokens", &rename.embed_tokens, "embed_tokens")?,
-            ln_final: top("ln_final", &rename.ln_final, "ln_final")?,
+            // A model may have no final norm (post-norm OPT): `ln_final` then names nothing.
+            ln_final: match &rename.ln_final {
+                Some(_) => Some(top("ln_final", &rename.ln_final, "ln_final")?),
+                None => top("ln_final", &None, "ln_final").ok(),
+            },
             lm_head: top("lm_head", &rename.lm_head, "lm_head")?,
             layers,
             num_layers,
             attention,
             mlp,
+            mlp_split,
         })
     }
 
@@ -257,7 +284,19 @@ pub fn expand(model: &Model, path: &str) -> Result<String> {
     };
     match head {
         "embed_tokens" => return Ok(join(n.embed_tokens.clone(), rest)),
-        "ln_final" => return Ok(join(n.ln_final.clone(), rest)),
+        "ln_final" => {
+            let ln_final = n.ln_final.clone().ok_or_else(|| Error::Hookpoint {
+                path: path.into(),
+                msg: format!(
+                    "this model ({}) has no final norm: the last layer's output goes straight to the \
+                     output head (use `layers_output.{}`)",
+                    model.arch.model_type,
+                    n.num_layers.saturating_sub(1)
+                ),
+                suggestions: vec![format!("layers_output.{}", n.num_layers.saturating_sub(1))],
+            })?;
+            return Ok(join(ln_final, rest));
+        }
         "lm_head" => return Ok(join(n.lm_head.clone(), rest)),
         "token_embeddings" => return Ok(join(format!("{}.output", n.embed_tokens), rest)),
         "logits" => return Ok(join(format!("{}.output", n.lm_head), rest)),
@@ -316,7 +355,14 @@ pub fn expand(model: &Model, path: &str) -> Result<String> {
     }
     let layer = format!("{}.{idx}", n.layers);
     let attn = format!("{layer}.{}", n.attention);
-    let mlp = format!("{layer}.{}", n.mlp);
+    let mlp = n.mlp.as_ref().map(|m| format!("{layer}.{m}"));
+    // Without an MLP module, its input and output are those of the first and last feed-forward
+    // layers.
+    let (mlp_in, mlp_out) = match (&mlp, &n.mlp_split) {
+        (Some(m), _) => (m.clone(), m.clone()),
+        (None, Some((a, b))) => (format!("{layer}.{a}"), format!("{layer}.{b}")),
+        (None, None) => (layer.clone(), layer.clone()),
+    };
     let value = |base: String, what: &str| -> Result<String> {
         match tail {
             None => Ok(format!("{base}.{what}")),
@@ -331,13 +377,25 @@ pub fn expand(model: &Model, path: &str) -> Result<String> {
     match head {
         "layers" => Ok(join(layer, tail)),
         "attentions" => Ok(join(attn, tail)),
-        "mlps" => Ok(join(mlp, tail)),
+        "mlps" => match mlp {
+            Some(mlp) => Ok(join(mlp, tail)),
+            None => Err(Error::Hookpoint {
+                path: path.into(),
+                msg: format!(
+                    "this model ({}) has no MLP module: its feed-forward layers sit in the layer \
+                     (`{mlp_in}`, `{mlp_out}`); `mlps_input.{idx}` and `mlps_output.{idx}` are their \
+                     input and output",
+                    model.arch.model_type
+                ),
+                suggestions: vec![format!("mlps_input.{idx}"), format!("mlps_output.{idx}")],
+            }),
+        },
         "layers_input" => value(layer, "input"),
         "layers_output" => value(layer, "output"),
         "attentions_input" => value(attn, "input"),
         "attentions_output" => value(attn, "output"),
-        "mlps_input" => value(mlp, "input"),
-        "mlps_output" => value(mlp, "output"),
+        "mlps_input" => value(mlp_in, "input"),
+        "mlps_output" => value(mlp_out, "output"),
         "attention_probabilities" => {
             if tail.is_some() {
                 return Err(Error::Hookpoint {
