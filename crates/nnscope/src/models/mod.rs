@@ -12,11 +12,16 @@ use candle_core::Tensor;
 pub mod bloom;
 pub mod dbrx;
 pub mod gpt2;
+pub mod gpt_bigcode;
+pub mod gpt_neo;
+pub mod gpt_neox;
 pub mod gpt_oss;
 pub mod gptj;
 pub mod llama;
+pub mod opt;
 pub mod qwen2_moe;
 pub mod stablelm;
+pub mod starcoder2;
 
 /// The sizes of a model, as its own config reads them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,6 +174,41 @@ pub const ARCHITECTURES: &[Architecture] = &[
         class: "StableLmForCausalLM",
         load: stablelm::load,
         attention_probabilities: "source.self_attention_dropout_0",
+        prob_shape: ProbShape::Standard,
+    },
+    Architecture {
+        model_type: "gpt_neox",
+        class: "GPTNeoXForCausalLM",
+        load: gpt_neox::load,
+        attention_probabilities: "source.attention_interface_0.source.nn_functional_dropout_0",
+        prob_shape: ProbShape::Standard,
+    },
+    Architecture {
+        model_type: "gpt_neo",
+        class: "GPTNeoForCausalLM",
+        load: gpt_neo::load,
+        attention_probabilities: "attention.source.self__attn_0.source.self_attn_dropout_0",
+        prob_shape: ProbShape::Standard,
+    },
+    Architecture {
+        model_type: "opt",
+        class: "OPTForCausalLM",
+        load: opt::load,
+        attention_probabilities: "source.attention_interface_0.source.nn_functional_dropout_0",
+        prob_shape: ProbShape::Standard,
+    },
+    Architecture {
+        model_type: "gpt_bigcode",
+        class: "GPTBigCodeForCausalLM",
+        load: gpt_bigcode::load,
+        attention_probabilities: "source.attention_interface_0.source.nn_functional_dropout_0",
+        prob_shape: ProbShape::Standard,
+    },
+    Architecture {
+        model_type: "starcoder2",
+        class: "Starcoder2ForCausalLM",
+        load: starcoder2::load,
+        attention_probabilities: "source.attention_interface_0.source.nn_functional_dropout_0",
         prob_shape: ProbShape::Standard,
     },
 ];

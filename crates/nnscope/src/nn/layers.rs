@@ -182,6 +182,17 @@ impl LayerNorm {
             scope: vb.scope::<Self>(),
         })
     }
+
+    /// A layer norm from given tensors, registered at the builder's path: `weight` of ones and no
+    /// bias is `torch.nn.LayerNorm(.., elementwise_affine=False)`, which has no parameters to load.
+    pub fn from_weights(weight: Tensor, bias: Option<Tensor>, eps: f64, vb: &Builder) -> Self {
+        LayerNorm {
+            weight,
+            bias,
+            eps,
+            scope: vb.scope::<Self>(),
+        }
+    }
 }
 
 /// Layer norm over the last dimension, computed in float32.
