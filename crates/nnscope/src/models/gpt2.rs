@@ -57,15 +57,7 @@ impl GPT2Config {
                 msg: format!("n_embd ({n_embd}) must be divisible by n_head ({n_head})"),
             });
         }
-        let act = cfg.str_or("activation_function", "gelu_new")?;
-        let activation_function =
-            Activation::from_name(act).ok_or_else(|| crate::Error::Config {
-                path: cfg.path.clone(),
-                msg: format!(
-                    "activation_function `{act}` is not supported; supported: {}",
-                    nn::ACTIVATION_NAMES_LIST.join(", ")
-                ),
-            })?;
+        let activation_function = Activation::from_config(cfg, "activation_function", "gelu_new")?;
         Ok(GPT2Config {
             vocab_size: cfg.usize(&["vocab_size"])?,
             n_positions: cfg.usize_or("n_positions", 1024)?,

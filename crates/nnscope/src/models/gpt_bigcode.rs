@@ -55,13 +55,8 @@ impl GPTBigCodeConfig {
                 "n_embd ({n_embd}) must be divisible by n_head ({n_head})"
             )));
         }
-        let act = cfg.str_or("activation_function", "gelu_pytorch_tanh")?;
-        let activation_function = Activation::from_name(act).ok_or_else(|| {
-            cfg.error(format!(
-                "activation_function `{act}` is not supported; supported: {}",
-                nn::ACTIVATION_NAMES_LIST.join(", ")
-            ))
-        })?;
+        let activation_function =
+            Activation::from_config(cfg, "activation_function", "gelu_pytorch_tanh")?;
         Ok(GPTBigCodeConfig {
             vocab_size: cfg.usize_or("vocab_size", 50257)?,
             n_positions: cfg.usize_alias_or(&["n_positions", "max_position_embeddings"], 1024)?,

@@ -97,13 +97,7 @@ impl GPTNeoConfig {
                 attention_layers.len()
             )));
         }
-        let act = cfg.str_or("activation_function", "gelu_new")?;
-        let activation_function = Activation::from_name(act).ok_or_else(|| {
-            cfg.error(format!(
-                "activation_function `{act}` is not supported; supported: {}",
-                nn::ACTIVATION_NAMES_LIST.join(", ")
-            ))
-        })?;
+        let activation_function = Activation::from_config(cfg, "activation_function", "gelu_new")?;
         let window_size = cfg.usize_or("window_size", 256)?;
         if window_size == 0 && attention_layers.iter().any(|t| t == "local") {
             return Err(cfg.error("window_size must be at least 1 when a layer is `local`"));

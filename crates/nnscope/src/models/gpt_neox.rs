@@ -56,13 +56,7 @@ impl GPTNeoXConfig {
                 ),
             ));
         }
-        let act = cfg.str_or("hidden_act", "gelu")?;
-        let hidden_act = Activation::from_name(act).ok_or_else(|| {
-            cfg.error(format!(
-                "hidden_act `{act}` is not supported; supported: {}",
-                nn::ACTIVATION_NAMES_LIST.join(", ")
-            ))
-        })?;
+        let hidden_act = Activation::from_config(cfg, "hidden_act", "gelu")?;
         let max_position_embeddings = cfg.usize_or("max_position_embeddings", 2048)?;
         let mut rope = rope::RopeParams::from_config(cfg, 10000.0, max_position_embeddings)?;
         // `GPTNeoXConfig.convert_rope_params_to_dict`: inside `rope_parameters` (or `rope_scaling`)

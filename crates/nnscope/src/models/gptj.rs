@@ -66,13 +66,7 @@ impl GPTJConfig {
             return Err(cfg.error(format!("`rotary_dim` ({rotary_dim}) must be even and between 2 and the head size ({head_dim})"),
             ));
         }
-        let act = cfg.str_or("activation_function", "gelu_new")?;
-        let activation_function = Activation::from_name(act).ok_or_else(|| {
-            cfg.error(format!(
-                "activation_function `{act}` is not supported; supported: {}",
-                nn::ACTIVATION_NAMES_LIST.join(", ")
-            ))
-        })?;
+        let activation_function = Activation::from_config(cfg, "activation_function", "gelu_new")?;
         Ok(GPTJConfig {
             vocab_size: cfg.usize(&["vocab_size"])?,
             n_positions: cfg.usize_alias_or(&["n_positions", "max_position_embeddings"], 2048)?,

@@ -75,14 +75,7 @@ impl LlamaConfig {
                 ),
             });
         }
-        let act_name = cfg.str_or("hidden_act", "silu")?;
-        let hidden_act = Activation::from_name(act_name).ok_or_else(|| crate::Error::Config {
-            path: cfg.path.clone(),
-            msg: format!(
-                "hidden_act `{act_name}` is not supported; supported: {}",
-                nn::ACTIVATION_NAMES_LIST.join(", ")
-            ),
-        })?;
+        let hidden_act = Activation::from_config(cfg, "hidden_act", "silu")?;
         let attention_bias = cfg.bool_or("attention_bias", false)?;
         let (qkv_bias, o_bias, qk_norm) = match model_type.as_str() {
             "qwen2" => (true, false, false),

@@ -58,13 +58,7 @@ impl OPTConfig {
                 ),
             ));
         }
-        let act = cfg.str_or("activation_function", "relu")?;
-        let activation_function = Activation::from_name(act).ok_or_else(|| {
-            cfg.error(format!(
-                "activation_function `{act}` is not supported; supported: {}",
-                nn::ACTIVATION_NAMES_LIST.join(", ")
-            ))
-        })?;
+        let activation_function = Activation::from_config(cfg, "activation_function", "relu")?;
         Ok(OPTConfig {
             vocab_size: cfg.usize_or("vocab_size", 50272)?,
             hidden_size,

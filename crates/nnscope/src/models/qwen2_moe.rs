@@ -83,13 +83,7 @@ impl Qwen2MoeConfig {
             ));
         }
         let head_dim = cfg.usize_or("head_dim", hidden_size / num_attention_heads)?;
-        let act_name = cfg.str_or("hidden_act", "silu")?;
-        let hidden_act = Activation::from_name(act_name).ok_or_else(|| {
-            cfg.error(format!(
-                "hidden_act `{act_name}` is not supported; supported: {}",
-                nn::ACTIVATION_NAMES_LIST.join(", ")
-            ))
-        })?;
+        let hidden_act = Activation::from_config(cfg, "hidden_act", "silu")?;
         // `__post_init__`: the window only exists with `use_sliding_window`, and the default layer
         // types put it on even layers below `max_window_layers`.
         let use_sliding_window = cfg.bool_or("use_sliding_window", false)?;

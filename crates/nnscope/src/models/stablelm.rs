@@ -73,13 +73,7 @@ impl StableLmConfig {
             ));
         }
         let head_dim = hidden_size / num_attention_heads;
-        let act_name = cfg.str_or("hidden_act", "silu")?;
-        let hidden_act = Activation::from_name(act_name).ok_or_else(|| {
-            cfg.error(format!(
-                "hidden_act `{act_name}` is not supported; supported: {}",
-                nn::ACTIVATION_NAMES_LIST.join(", ")
-            ))
-        })?;
+        let hidden_act = Activation::from_config(cfg, "hidden_act", "silu")?;
         let mut rope = rope::RopeParams::from_config(cfg, 10000.0, 4096)?;
         // `StableLmConfig` defaults `partial_rotary_factor` to 0.25 (not 1) when neither layout sets it.
         let in_params = cfg

@@ -75,13 +75,7 @@ impl Starcoder2Config {
                 ),
             ));
         }
-        let act = cfg.str_or("hidden_act", "gelu_pytorch_tanh")?;
-        let hidden_act = Activation::from_name(act).ok_or_else(|| {
-            cfg.error(format!(
-                "hidden_act `{act}` is not supported; supported: {}",
-                nn::ACTIVATION_NAMES_LIST.join(", ")
-            ))
-        })?;
+        let hidden_act = Activation::from_config(cfg, "hidden_act", "gelu_pytorch_tanh")?;
         let max_position_embeddings = cfg.usize_or("max_position_embeddings", 4096)?;
         let mut rope = rope::RopeParams::from_config(cfg, 10000.0, max_position_embeddings)?;
         // `compute_default_rope_parameters` rotates the whole head (the scaled types read

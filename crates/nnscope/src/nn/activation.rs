@@ -44,6 +44,22 @@ pub const ACTIVATION_NAMES: &[&str] = &[
 ];
 
 impl Activation {
+    /// The activation a config names under `key` (`default` when absent), or a config error naming
+    /// the key and the supported names.
+    pub fn from_config(
+        cfg: &crate::config::Config,
+        key: &str,
+        default: &str,
+    ) -> crate::Result<Self> {
+        let name = cfg.str_or(key, default)?;
+        Self::from_name(name).ok_or_else(|| {
+            cfg.error(format!(
+                "{key} `{name}` is not supported; supported: {}",
+                ACTIVATION_NAMES.join(", ")
+            ))
+        })
+    }
+
     /// Parses a Hugging Face activation name.
     pub fn from_name(name: &str) -> Option<Self> {
         Some(match name {
