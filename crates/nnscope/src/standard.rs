@@ -484,16 +484,15 @@ impl Model {
 /// module) [B, heads, T, T]; everything else at most [B, T, max(hidden, MLP width)]. An estimate
 /// for refusing hopeless requests, not a promise.
 pub(crate) fn estimate_shape(model: &Model, hp: &HookPath, b: usize, t: usize) -> Vec<usize> {
-    let cfg = &model.config;
-    let hidden = cfg
-        .usize(&["hidden_size", "n_embd", "d_model"])
-        .unwrap_or(0);
-    let inner = cfg
-        .usize(&["intermediate_size", "n_inner", "ffn_dim"])
-        .unwrap_or(4 * hidden);
-    let heads = cfg
-        .usize(&["num_attention_heads", "n_head", "num_heads"])
-        .unwrap_or(1);
+    let dims = model.dims();
+    let hidden = dims.hidden;
+    // The MLP width is not one of the sizes every model reports; an upper bound is enough here.
+    let inner = model
+        .config
+        .usize(&["intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size"])
+        .unwrap_or(4 * hidden)
+        .max(4 * hidden);
+    let heads = dims.heads;
     let names = &model.names;
     let canonical = hp.canonical.as_str();
     let lm_head_out = format!("{}.output", names.lm_head);
