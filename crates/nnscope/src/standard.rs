@@ -490,8 +490,7 @@ pub(crate) fn estimate_shape(model: &Model, hp: &HookPath, b: usize, t: usize) -
     let inner = model
         .config
         .usize(&["intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size"])
-        .unwrap_or(4 * hidden)
-        .max(4 * hidden);
+        .unwrap_or(4 * hidden);
     let heads = dims.heads;
     let names = &model.names;
     let canonical = hp.canonical.as_str();
