@@ -155,3 +155,72 @@ fn generate_refuses_bad_options_in_one_line() {
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
     }
 }
+
+#[test]
+fn run_takes_explicit_position_ids_from_the_inputs_file() {
+    // GPT-2's learned positions make the difference visible: positions 0..T-1 on every row give
+    // transformers' raw batch (`batch.logits`), the default (from the mask) gives `batchpos`.
+    let g = golden("gpt2");
+    let d = tmp("positions");
+    let ids = g["batch.input_ids"].clone();
+    let (b, t) = ids.dims2().unwrap();
+    let positions = candle_core::Tensor::arange(0i64, t as i64, &candle_core::Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+        .broadcast_as((b, t))
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    let mut inputs = std::collections::HashMap::new();
+    inputs.insert("input_ids".to_string(), ids);
+    inputs.insert(
+        "attention_mask".to_string(),
+        g["batch.attention_mask"].clone(),
+    );
+    inputs.insert("position_ids".to_string(), positions);
+    let inp = d.join("ids.safetensors");
+    candle_core::safetensors::save(&inputs, &inp).unwrap();
+    let out = d.join("out.safetensors");
+    let o = nnscope(&[
+        "run",
+        &fixture("gpt2"),
+        "--inputs",
+        inp.to_str().unwrap(),
+        "--save",
+        "logits",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ours = &candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap()["logits"];
+    let mask = g["batch.attention_mask"].to_vec2::<i64>().unwrap();
+    let reference = &g["batch.logits"];
+    let scale = reference
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1.0);
+    for (row, m) in mask.iter().enumerate() {
+        let first = m.iter().position(|x| *x == 1).unwrap();
+        let n = t - first;
+        let a = ours.get(row).unwrap().narrow(0, first, n).unwrap();
+        let r = reference.get(row).unwrap().narrow(0, first, n).unwrap();
+        let d = (a - r)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d <= 1e-4 * scale, "row {row}: {d}");
+    }
+}
