@@ -10,7 +10,7 @@
 //! | `attentions_input.L`, `attentions_output.L`, `mlps_input.L`, `mlps_output.L` | likewise |
 //! | `token_embeddings` | output of `embed_tokens` |
 //! | `attention_probabilities.L` | the architecture's registered attention-probability hookpoint |
-//! | `logits` | output of `lm_head` |
+//! | `logits` | the model's output logits (`lm_head`'s output, then any final soft-capping) |
 
 use crate::models::ProbShape;
 use crate::trace::{rt, HookPath, ModuleTable};
@@ -299,7 +299,9 @@ pub fn expand(model: &Model, path: &str) -> Result<String> {
         }
         "lm_head" => return Ok(join(n.lm_head.clone(), rest)),
         "token_embeddings" => return Ok(join(format!("{}.output", n.embed_tokens), rest)),
-        "logits" => return Ok(join(format!("{}.output", n.lm_head), rest)),
+        // The model's output, as nnterp's `logits` (`model.output.logits`): after the final
+        // soft-capping of Gemma 2 / 3, which `lm_head.output` is not.
+        "logits" => return Ok(join("output".to_string(), rest)),
         _ => {}
     }
     if !LAYER_NAMES.contains(&head) {
@@ -495,7 +497,12 @@ pub(crate) fn estimate_shape(model: &Model, hp: &HookPath, b: usize, t: usize) -
     let names = &model.names;
     let canonical = hp.canonical.as_str();
     let lm_head_out = format!("{}.output", names.lm_head);
-    if canonical == lm_head_out || canonical.starts_with(&format!("{lm_head_out}.")) {
+    // The model's own output (standard `logits`) is [B, T, vocab] too.
+    if canonical == lm_head_out
+        || canonical.starts_with(&format!("{lm_head_out}."))
+        || canonical == "output"
+        || canonical.starts_with("output.")
+    {
         return vec![b, t, model.vocab_size];
     }
     let width = hidden.max(inner);

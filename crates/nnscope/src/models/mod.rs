@@ -11,6 +11,9 @@ use candle_core::Tensor;
 
 pub mod bloom;
 pub mod dbrx;
+pub mod gemma;
+pub mod gemma2;
+pub mod gemma3_text;
 pub mod gpt2;
 pub mod gpt_bigcode;
 pub mod gpt_neo;
@@ -18,6 +21,8 @@ pub mod gpt_neox;
 pub mod gpt_oss;
 pub mod gptj;
 pub mod llama;
+pub mod olmo;
+pub mod olmo2;
 pub mod opt;
 pub mod qwen2_moe;
 pub mod stablelm;
@@ -208,6 +213,41 @@ pub const ARCHITECTURES: &[Architecture] = &[
         model_type: "starcoder2",
         class: "Starcoder2ForCausalLM",
         load: starcoder2::load,
+        attention_probabilities: "source.attention_interface_0.source.nn_functional_dropout_0",
+        prob_shape: ProbShape::Standard,
+    },
+    Architecture {
+        model_type: "gemma",
+        class: "GemmaForCausalLM",
+        load: gemma::load,
+        attention_probabilities: "source.attention_interface_0.source.nn_functional_dropout_0",
+        prob_shape: ProbShape::Standard,
+    },
+    Architecture {
+        model_type: "gemma2",
+        class: "Gemma2ForCausalLM",
+        load: gemma2::load,
+        attention_probabilities: "source.attention_interface_0.source.nn_functional_dropout_0",
+        prob_shape: ProbShape::Standard,
+    },
+    Architecture {
+        model_type: "gemma3_text",
+        class: "Gemma3ForCausalLM",
+        load: gemma3_text::load,
+        attention_probabilities: "source.attention_interface_0.source.nn_functional_dropout_0",
+        prob_shape: ProbShape::Standard,
+    },
+    Architecture {
+        model_type: "olmo",
+        class: "OlmoForCausalLM",
+        load: olmo::load,
+        attention_probabilities: "source.attention_interface_0.source.nn_functional_dropout_0",
+        prob_shape: ProbShape::Standard,
+    },
+    Architecture {
+        model_type: "olmo2",
+        class: "Olmo2ForCausalLM",
+        load: olmo2::load,
         attention_probabilities: "source.attention_interface_0.source.nn_functional_dropout_0",
         prob_shape: ProbShape::Standard,
     },
