@@ -10,7 +10,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod experiments_cmd;
 mod generate_cmd;
+mod lens_cmd;
+mod patch_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -63,6 +66,18 @@ enum Cmd {
     },
     /// Generate tokens with the key/value cache, saving hookpoint values at every step.
     Generate(generate_cmd::GenerateArgs),
+    /// Logit lens: every layer's output through the model's own head; top tokens per layer.
+    Lens(lens_cmd::LensArgs),
+    /// Activation and attribution patching (clean -> corrupt) of the residual stream and heads.
+    Patch(patch_cmd::PatchArgs),
+    /// Patchscope: a source prompt's hidden state read by a target prompt, per layer.
+    Patchscope(experiments_cmd::PatchscopeArgs),
+    /// Direct logit attribution of a logit difference to embeddings, attentions (heads), MLPs.
+    Dla(experiments_cmd::DlaArgs),
+    /// Target-token probabilities over prompts, from the logits or every layer (nnterp's run_prompts).
+    Prompts(experiments_cmd::PromptsArgs),
+    /// Gradients of a logit (difference) with respect to hookpoints, through candle's autograd.
+    Grad(experiments_cmd::GradArgs),
     /// Check the model's attention-probability hookpoint: it resolves, has the expected shape,
     /// its rows sum to 1, and changing it changes the output.
     Check {
@@ -509,6 +524,12 @@ fn main() -> ExitCode {
             dtype,
         } => run(&model, prompts, inputs, saves, out, &dtype),
         Cmd::Generate(args) => generate_cmd::generate(args),
+        Cmd::Lens(args) => lens_cmd::lens_cmd(args).map(|_| ()),
+        Cmd::Patch(args) => patch_cmd::patch_cmd(args).map(|_| ()),
+        Cmd::Patchscope(args) => experiments_cmd::patchscope_cmd(args),
+        Cmd::Dla(args) => experiments_cmd::dla_cmd(args),
+        Cmd::Prompts(args) => experiments_cmd::prompts_cmd(args),
+        Cmd::Grad(args) => experiments_cmd::grad_cmd(args),
         Cmd::Completions { shell } => {
             clap_complete::generate(
                 shell,

@@ -27,6 +27,7 @@ mod alloc;
 pub mod config;
 pub mod discover;
 mod error;
+pub mod experiments;
 pub mod generate;
 pub mod hub;
 mod model;

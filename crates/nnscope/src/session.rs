@@ -68,7 +68,7 @@ impl TraceOutput {
             .as_ref()
             .ok_or_else(|| Error::Input("the trace stopped before the logits".into()))?;
         let t = logits.dim(1)?;
-        let last = logits.narrow(1, t - 1, 1)?.squeeze(1)?;
+        let last = logits.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?;
         Ok(candle_nn::ops::softmax_last_dim(
             &last.to_dtype(candle_core::DType::F32)?,
         )?)

@@ -166,6 +166,8 @@ fn par_map_f32(x: &Tensor, f: fn(f32) -> f32) -> Result<Option<Tensor>> {
         || !x.device().is_cpu()
         || !x.is_contiguous()
         || x.elem_count() < 1 << 16
+        // On a gradient path: candle's op, which has a backward (this kernel has none).
+        || x.track_op()
     {
         return Ok(None);
     }

@@ -315,7 +315,9 @@ pub(crate) fn matmul_nt(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Te
         use candle_core::DType;
         let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && t.rank() == 2;
         let w_ok = w.is_contiguous() || w.stride() == [1, w.dim(0)?];
-        if f32_cpu(x) && f32_cpu(w) && x.is_contiguous() && w_ok {
+        // On a gradient path: candle's matmul, which has a backward (this kernel has none).
+        let tracked = x.track_op() || w.track_op();
+        if f32_cpu(x) && f32_cpu(w) && x.is_contiguous() && w_ok && !tracked {
             return x.apply_op2_no_bwd(w, &MatmulNt).map(Some);
         }
     }

@@ -91,6 +91,7 @@ pub(crate) fn softmax_last_dim_f32(x: &Tensor) -> Result<Option<Tensor>> {
         || !x.device().is_cpu()
         || !x.is_contiguous()
         || x.rank() == 0
+        || x.track_op()
     {
         return Ok(None);
     }

@@ -16,7 +16,9 @@ pub fn softmax(x: &Tensor, dim: D) -> Result<Tensor> {
     } else {
         x.to_dtype(DType::F32)?
     };
-    let y = if last {
+    // A value on a gradient path (candle autograd, see `experiments::gradients`) takes candle's
+    // differentiable softmax: the fast kernels below have no backward and would cut the graph.
+    let y = if last && !xf.track_op() {
         // Performance: a float32 CPU kernel without libm's slow underflow path (see nn/cpu.rs).
         match super::cpu::softmax_last_dim_f32(&xf)? {
             Some(y) => y,
