@@ -350,11 +350,15 @@ fn direct_logit_attribution_parts_sum_to_the_logit_difference() {
                     assert!(e.contains("not the sum"), "{arch}: {e}");
                     // Bloom's attention and MLP modules add the residual themselves; DBRX's
                     // attention module holds the norms and the residual; post-norm OPT adds the
-                    // residual before a norm.
+                    // residual before a norm; Gemma 2 / 3 and OLMo 2 normalize the attention and MLP
+                    // outputs (post-norms) before adding them to the residual.
                     assert!(
                         arch.starts_with("bloom")
                             || arch.starts_with("dbrx")
-                            || arch == "opt_post_ln",
+                            || arch == "opt_post_ln"
+                            || arch.starts_with("gemma2")
+                            || arch.starts_with("gemma3")
+                            || arch.starts_with("olmo2"),
                         "{arch}: {e}"
                     );
                 }
