@@ -260,7 +260,19 @@ pub(crate) fn generate_loop(
     let mut scores = Vec::new();
     let mut stopped = false;
     for step in 0..opts.max_new_tokens {
-        let past = cache.seq_len();
+        let mut past = cache.seq_len();
+        if model.net.restart_cache(past, past + step_ids.dim(1)?) {
+            // Run the whole sequence again on an empty cache (Phi-3's LongRoPE switch).
+            cache.clear();
+            past = 0;
+            let mut all = ids.to_dtype(DType::U32)?;
+            if !new_tokens[0].is_empty() {
+                let n = new_tokens[0].len();
+                let flat: Vec<u32> = new_tokens.iter().flatten().copied().collect();
+                all = Tensor::cat(&[&all, &Tensor::from_vec(flat, (b, n), &device)?], 1)?;
+            }
+            step_ids = all;
+        }
         let positions =
             crate::nn::positions_from_mask(Some(&mask), b, past, step_ids.dim(1)?, &device)?;
         let Some(logits) = step_fn(step, &step_ids, &mask, &positions, &cache)? else {

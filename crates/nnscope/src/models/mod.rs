@@ -11,6 +11,7 @@ use candle_core::Tensor;
 
 pub mod bloom;
 pub mod dbrx;
+pub mod falcon;
 pub mod gemma;
 pub mod gemma2;
 pub mod gemma3_text;
@@ -21,10 +22,14 @@ pub mod gpt_neox;
 pub mod gpt_oss;
 pub mod gptj;
 pub mod llama;
+pub mod mixtral;
 pub mod olmo;
 pub mod olmo2;
 pub mod opt;
+pub mod phi;
+pub mod phi3;
 pub mod qwen2_moe;
+pub mod qwen3_moe;
 pub mod stablelm;
 pub mod starcoder2;
 
@@ -71,6 +76,14 @@ pub trait CausalLM: Send + Sync {
     /// `_upcast_and_reordered_attn`); `None` keeps [`Architecture::attention_probabilities`].
     fn attention_probabilities(&self) -> Option<&'static str> {
         None
+    }
+
+    /// Whether generation must drop the cache and run the whole sequence again before a forward
+    /// that brings the sequence to `total` tokens with `past` of them cached (Phi-3 does this once,
+    /// when the sequence first grows past `original_max_position_embeddings`, so that every cached
+    /// key uses LongRoPE's long factors). `false` for every other model.
+    fn restart_cache(&self, _past: usize, _total: usize) -> bool {
+        false
     }
 }
 
@@ -249,6 +262,41 @@ pub const ARCHITECTURES: &[Architecture] = &[
         class: "Olmo2ForCausalLM",
         load: olmo2::load,
         attention_probabilities: "source.attention_interface_0.source.nn_functional_dropout_0",
+        prob_shape: ProbShape::Standard,
+    },
+    Architecture {
+        model_type: "phi",
+        class: "PhiForCausalLM",
+        load: phi::load,
+        attention_probabilities: "source.attention_interface_0.source.nn_functional_dropout_0",
+        prob_shape: ProbShape::Standard,
+    },
+    Architecture {
+        model_type: "phi3",
+        class: "Phi3ForCausalLM",
+        load: phi3::load,
+        attention_probabilities: "source.attention_interface_0.source.nn_functional_dropout_0",
+        prob_shape: ProbShape::Standard,
+    },
+    Architecture {
+        model_type: "mixtral",
+        class: "MixtralForCausalLM",
+        load: mixtral::load,
+        attention_probabilities: "source.attention_interface_0.source.nn_functional_dropout_0",
+        prob_shape: ProbShape::Standard,
+    },
+    Architecture {
+        model_type: "qwen3_moe",
+        class: "Qwen3MoeForCausalLM",
+        load: qwen3_moe::load,
+        attention_probabilities: "source.attention_interface_0.source.nn_functional_dropout_0",
+        prob_shape: ProbShape::Standard,
+    },
+    Architecture {
+        model_type: "falcon",
+        class: "FalconForCausalLM",
+        load: falcon::load,
+        attention_probabilities: "source.F_softmax_0",
         prob_shape: ProbShape::Standard,
     },
 ];

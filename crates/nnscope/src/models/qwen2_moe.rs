@@ -14,12 +14,12 @@
 use super::{CausalLM, Dims};
 use crate::config::Config;
 use crate::nn::functional as F;
-use crate::nn::moe::expert_hits;
+use crate::nn::moe::{Experts, PerExpertLayout, TopKRouter};
 use crate::nn::repeat_kv;
 use crate::nn::rope::{self, apply_rotary_pos_emb};
 use crate::nn::{self, mask, Activation, Builder, Embedding, KvCache, Linear, RmsNorm};
 use crate::trace::{hooked, Scope};
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{Result, Tensor, D};
 
 /// The configuration of a Qwen2-MoE model, as `Qwen2MoeConfig` reads it (with its defaults).
 #[derive(Debug, Clone)]
@@ -196,123 +196,10 @@ impl Qwen2MoeMLP {
     }
 }
 
-/// `Qwen2MoeExperts`: every routed expert, weights fused as in transformers 5.24
-/// (`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]).
-pub struct Qwen2MoeExperts {
-    /// [num_experts, 2 * moe_intermediate_size, hidden]: gate rows then up rows.
-    pub gate_up_proj: Tensor,
-    /// [num_experts, hidden, moe_intermediate_size].
-    pub down_proj: Tensor,
-    num_experts: usize,
-    act_fn: Activation,
-    scope: Scope,
-}
-
-impl Qwen2MoeExperts {
-    /// Loads the fused tensors, or stacks the per-expert `experts.E.{gate,up,down}_proj.weight` that
-    /// `save_pretrained` writes.
-    fn new(cfg: &Qwen2MoeConfig, vb: Builder) -> Result<Self> {
-        let (e, h, i) = (cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size);
-        let (gate_up_proj, down_proj) = if vb.contains("gate_up_proj") {
-            (
-                vb.get((e, 2 * i, h), "gate_up_proj")?,
-                vb.get((e, h, i), "down_proj")?,
-            )
-        } else {
-            let mut gate_up = Vec::with_capacity(e);
-            let mut down = Vec::with_capacity(e);
-            for x in 0..e {
-                let vx = vb.pp(x);
-                let gate = vx.pp("gate_proj").get((i, h), "weight")?;
-                let up = vx.pp("up_proj").get((i, h), "weight")?;
-                gate_up.push(Tensor::cat(&[&gate, &up], 0)?);
-                down.push(vx.pp("down_proj").get((h, i), "weight")?);
-            }
-            (Tensor::stack(&gate_up, 0)?, Tensor::stack(&down, 0)?)
-        };
-        Ok(Qwen2MoeExperts {
-            gate_up_proj,
-            down_proj,
-            num_experts: e,
-            act_fn: cfg.hidden_act,
-            scope: vb.scope::<Self>(),
-        })
-    }
-}
-
-#[hooked]
-impl Qwen2MoeExperts {
-    /// Sum over each token's experts of weight * down(act(gate(x)) * up(x)); `hidden_states` is
-    /// [tokens, hidden], `top_k_index` / `top_k_weights` [tokens, top_k].
-    pub fn forward(
-        &self,
-        hidden_states: &Tensor,
-        top_k_index: &Tensor,
-        top_k_weights: &Tensor,
-    ) -> Result<Tensor> {
-        let mut final_hidden_states = hidden_states.zeros_like()?;
-        let expert_hit = expert_hits(top_k_index, self.num_experts)?;
-        let flat_weights = top_k_weights.flatten_all()?;
-        for hit in expert_hit.iter() {
-            let current_state = hidden_states.index_select(&hit.token_idx, 0)?;
-            let gate_up = F::linear(&current_state, &self.gate_up_proj.get(hit.expert)?, None)?;
-            let half = gate_up.dim(D::Minus1)? / 2;
-            let gate = gate_up.narrow(D::Minus1, 0, half)?;
-            let up = gate_up.narrow(D::Minus1, half, half)?;
-            let current_hidden_states = (self.act_fn.forward(&gate)? * up)?;
-            let current_hidden_states = F::linear(
-                &current_hidden_states,
-                &self.down_proj.get(hit.expert)?,
-                None,
-            )?;
-            let weights = flat_weights
-                .index_select(&hit.weight_idx, 0)?
-                .unsqueeze(1)?;
-            let current_hidden_states = current_hidden_states.broadcast_mul(&weights)?;
-            final_hidden_states = final_hidden_states.index_add(
-                &hit.token_idx,
-                &current_hidden_states.to_dtype(hidden_states.dtype())?,
-                0,
-            )?;
-        }
-        Ok(final_hidden_states)
-    }
-}
-
-/// `Qwen2MoeTopKRouter` (`mlp.gate`): softmax over the experts in float32, top-k, optional
-/// renormalization.
-pub struct Qwen2MoeTopKRouter {
-    /// [num_experts, hidden].
-    pub weight: Tensor,
-    top_k: usize,
-    norm_topk_prob: bool,
-    hidden_dim: usize,
-    scope: Scope,
-}
-
-#[hooked]
-impl Qwen2MoeTopKRouter {
-    /// (router_logits [tokens, E], routing weights [tokens, k], selected experts [tokens, k] u32).
-    pub fn forward(&self, hidden_states: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let hidden_states = hidden_states.reshape(((), self.hidden_dim))?;
-        let router_logits = F::linear(&hidden_states, &self.weight, None)?;
-        let router_probs =
-            nn::functional::softmax(&router_logits.to_dtype(DType::F32)?, D::Minus1)?;
-        let (router_top_value, router_indices) = F::topk(&router_probs, self.top_k)?;
-        let router_top_value = if self.norm_topk_prob {
-            router_top_value.broadcast_div(&router_top_value.sum_keepdim(D::Minus1)?)?
-        } else {
-            router_top_value
-        };
-        let router_scores = router_top_value.to_dtype(router_logits.dtype())?;
-        Ok((router_logits, router_scores, router_indices))
-    }
-}
-
 /// `Qwen2MoeSparseMoeBlock`: routed experts plus a sigmoid-gated shared expert.
 pub struct Qwen2MoeSparseMoeBlock {
-    gate: Qwen2MoeTopKRouter,
-    experts: Qwen2MoeExperts,
+    gate: TopKRouter,
+    experts: Experts,
     shared_expert: Qwen2MoeMLP,
     shared_expert_gate: Linear,
     scope: Scope,
@@ -321,16 +208,29 @@ pub struct Qwen2MoeSparseMoeBlock {
 impl Qwen2MoeSparseMoeBlock {
     fn new(cfg: &Qwen2MoeConfig, vb: Builder) -> Result<Self> {
         let vg = vb.pp("gate");
-        let gate = Qwen2MoeTopKRouter {
-            weight: vg.get((cfg.num_experts, cfg.hidden_size), "weight")?,
-            top_k: cfg.num_experts_per_tok,
-            norm_topk_prob: cfg.norm_topk_prob,
-            hidden_dim: cfg.hidden_size,
-            scope: vg.scope::<Qwen2MoeTopKRouter>(),
-        };
+        let gate = TopKRouter::new(
+            cfg.num_experts,
+            cfg.hidden_size,
+            cfg.num_experts_per_tok,
+            cfg.norm_topk_prob,
+            true,
+            vg.clone(),
+            &vg,
+        )?;
+        let ve = vb.pp("experts");
         Ok(Qwen2MoeSparseMoeBlock {
             gate,
-            experts: Qwen2MoeExperts::new(cfg, vb.pp("experts"))?,
+            experts: Experts::new(
+                cfg.num_experts,
+                cfg.hidden_size,
+                cfg.moe_intermediate_size,
+                cfg.hidden_act,
+                ve.clone(),
+                &[PerExpertLayout {
+                    vb: ve,
+                    names: ["gate_proj", "up_proj", "down_proj"],
+                }],
+            )?,
             shared_expert: Qwen2MoeMLP::new(
                 cfg,
                 cfg.shared_expert_intermediate_size,

@@ -61,6 +61,11 @@ impl KvCache {
         self.layers.borrow().get(layer_idx).cloned().flatten()
     }
 
+    /// Empties the cache (every layer).
+    pub fn clear(&self) {
+        self.layers.borrow_mut().clear();
+    }
+
     /// Keeps only the rows `rows` of the batch in every layer (for dropping finished sequences).
     pub fn select_rows(&self, rows: &Tensor) -> Result<()> {
         for (k, v) in self.layers.borrow_mut().iter_mut().flatten() {
