@@ -149,10 +149,16 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into());
     let backend = nnscope::nn::gemm_backend();
     if a.mode == "matmul" {
-        // candle's matrix multiply (as Linear uses it) on square f32 matrices.
+        // The matrix multiply `Linear` uses, on square matrices of `--dtype` (default float32).
+        let backend = if a.dtype == DType::BF16 {
+            nnscope::nn::gemm_backend_bf16()
+        } else {
+            backend
+        };
+        let dt = format!("{:?}", a.dtype);
         for &n in &a.sizes {
-            let x = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-            let w = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+            let x = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?.to_dtype(a.dtype)?;
+            let w = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?.to_dtype(a.dtype)?;
             // The layout `Linear` keeps its weight in (candle's kernel below uses the plain one).
             let w_lin = nnscope::nn::prepare_linear_weight(w.clone())?;
             let (mn, med) = time(a.warmup, a.iters, || {
@@ -168,12 +174,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                     Ok(())
                 })?;
                 println!(
-                    "{{\"contender\":\"candle\",\"mode\":\"matmul\",\"n\":{n},\"min_ms\":{cmn:.3},\"median_ms\":{cmed:.3},\"gflops\":{:.1},\"threads\":\"{threads}\",\"backend\":\"candle-gemm\"}}",
+                    "{{\"contender\":\"candle\",\"mode\":\"matmul\",\"n\":{n},\"min_ms\":{cmn:.3},\"median_ms\":{cmed:.3},\"gflops\":{:.1},\"threads\":\"{threads}\",\"backend\":\"candle-gemm\",\"dtype\":\"{dt}\"}}",
                     gflop / (cmn / 1e3)
                 );
             }
             println!(
-                "{{\"contender\":\"nnscope\",\"mode\":\"matmul\",\"n\":{n},\"min_ms\":{mn:.3},\"median_ms\":{med:.3},\"gflops\":{:.1},\"threads\":\"{threads}\",\"backend\":\"{backend}\"}}",
+                "{{\"contender\":\"nnscope\",\"mode\":\"matmul\",\"n\":{n},\"min_ms\":{mn:.3},\"median_ms\":{med:.3},\"gflops\":{:.1},\"threads\":\"{threads}\",\"backend\":\"{backend}\",\"dtype\":\"{dt}\"}}",
                 gflop / (mn / 1e3)
             );
         }

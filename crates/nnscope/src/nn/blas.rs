@@ -1,38 +1,110 @@
-//! Optional system GEMM kernels for `Linear`/`Conv1D` on the CPU.
+//! System GEMM kernels for `Linear`/`Conv1D` on the CPU, found at run time.
 //!
 //! candle's CPU matrix multiply (the `gemm` crate) reaches about a third to a half of what PyTorch
-//! gets from oneDNN on AVX-512 machines. With the cargo feature `dnnl` (Debian: `libdnnl-dev`, the
-//! kernel PyTorch uses) or `openblas` (Debian: `libopenblas-dev`), float32 products of contiguous
-//! CPU tensors go through that library's `sgemm` instead. Everything else (other dtypes, devices,
-//! strided inputs) keeps candle's path, which is also the whole story in the default build, so the
-//! default build needs no system package.
+//! gets from oneDNN on AVX-512 machines, and it multiplies bfloat16 by converting to float32. So the
+//! first CPU product looks for a system kernel and loads it when present:
+//!
+//! 1. oneDNN (`libdnnl.so.3`, `libdnnl.so.2`, `libdnnl.so`; Debian `libdnnl-dev`/`libdnnl2`, the kernel
+//!    PyTorch uses): float32 through `dnnl_sgemm`, bfloat16 through `dnnl_gemm_bf16bf16f32`, which
+//!    dispatches to AVX512-BF16/AMX code where the CPU has it;
+//! 2. else OpenBLAS (`libopenblas.so.0`, `libopenblas.so`): float32 through `cblas_sgemm`;
+//! 3. else candle's own kernel, as before. Nothing is needed at build time, so `cargo install` users
+//!    get the system kernel without a feature flag.
+//!
+//! `NNSCOPE_GEMM=candle` (or `dnnl`, `openblas`) forces one choice; a forced library that cannot be
+//! loaded falls back to candle's kernel. The cargo features `dnnl`/`openblas` link the library at
+//! build time instead (the build then requires it) and skip the search. Everything that does not suit
+//! the kernel (other dtypes, devices, strided inputs) keeps candle's path.
 //!
 //! The libraries run single-threaded; products are split by output columns over candle's own CPU
 //! worker pool (`RAYON_NUM_THREADS` threads), so every kernel in a forward shares one pool.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
+use std::os::raw::{c_char, c_float, c_int};
+use std::sync::OnceLock;
 
-/// Name of the kernel `Linear` uses for float32 CPU products in this build.
-pub fn backend() -> &'static str {
-    if cfg!(feature = "dnnl") {
-        "onednn-sgemm"
-    } else if cfg!(feature = "openblas") {
-        "openblas-sgemm"
-    } else {
-        "candle-gemm"
-    }
+/// `dnnl_sgemm`: row-major C = alpha op(A) op(B) + beta C (oneDNN's BLAS-like API; returns a status).
+type DnnlSgemm = unsafe extern "C" fn(
+    c_char,
+    c_char,
+    i64,
+    i64,
+    i64,
+    c_float,
+    *const c_float,
+    i64,
+    *const c_float,
+    i64,
+    c_float,
+    *mut c_float,
+    i64,
+) -> c_int;
+/// `dnnl_gemm_bf16bf16f32`: as `dnnl_sgemm` with bfloat16 A and B (passed as their bits) and float32 C.
+type DnnlGemmBf16 = unsafe extern "C" fn(
+    c_char,
+    c_char,
+    i64,
+    i64,
+    i64,
+    c_float,
+    *const u16,
+    i64,
+    *const u16,
+    i64,
+    c_float,
+    *mut c_float,
+    i64,
+) -> c_int;
+/// `cblas_sgemm` (OpenBLAS).
+type CblasSgemm = unsafe extern "C" fn(
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_float,
+    *const c_float,
+    c_int,
+    *const c_float,
+    c_int,
+    c_float,
+    *mut c_float,
+    c_int,
+);
+/// `omp_set_num_threads` / `openblas_set_num_threads`.
+type SetThreads = unsafe extern "C" fn(c_int);
+
+const ROW_MAJOR: c_int = 101;
+const NO_TRANS: c_int = 111;
+const TRANS: c_int = 112;
+
+/// The entry points of the kernel in use.
+#[derive(Clone, Copy)]
+enum Kernel {
+    Dnnl {
+        sgemm: DnnlSgemm,
+        bf16: Option<DnnlGemmBf16>,
+        /// The OpenMP runtime's setter (per calling thread), when oneDNN runs on OpenMP.
+        omp_set: Option<SetThreads>,
+    },
+    OpenBlas {
+        sgemm: CblasSgemm,
+    },
 }
 
-#[cfg(any(feature = "dnnl", feature = "openblas"))]
-mod ffi {
-    #[cfg(feature = "dnnl")]
-    use std::os::raw::c_char;
-    use std::os::raw::{c_float, c_int};
+/// A loaded kernel; `_lib` keeps a run-time-loaded library mapped for the life of the process.
+struct Loaded {
+    kernel: Kernel,
+    name: &'static str,
+    _lib: Option<libloading::Library>,
+}
 
-    #[cfg(feature = "dnnl")]
+#[cfg(feature = "dnnl")]
+mod linked {
+    use std::os::raw::{c_char, c_float, c_int};
     #[link(name = "dnnl")]
     extern "C" {
-        /// Row-major C = alpha op(A) op(B) + beta C (oneDNN's BLAS-like API; returns a status).
         pub fn dnnl_sgemm(
             transa: c_char,
             transb: c_char,
@@ -48,15 +120,32 @@ mod ffi {
             c: *mut c_float,
             ldc: i64,
         ) -> c_int;
+        pub fn dnnl_gemm_bf16bf16f32(
+            transa: c_char,
+            transb: c_char,
+            m: i64,
+            n: i64,
+            k: i64,
+            alpha: c_float,
+            a: *const u16,
+            lda: i64,
+            b: *const u16,
+            ldb: i64,
+            beta: c_float,
+            c: *mut c_float,
+            ldc: i64,
+        ) -> c_int;
     }
-    #[cfg(feature = "dnnl")]
     #[link(name = "gomp")]
     extern "C" {
         /// Debian's oneDNN runs on GNU OpenMP.
         pub fn omp_set_num_threads(n: c_int);
     }
+}
 
-    #[cfg(all(feature = "openblas", not(feature = "dnnl")))]
+#[cfg(all(feature = "openblas", not(feature = "dnnl")))]
+mod linked {
+    use std::os::raw::{c_float, c_int};
     #[link(name = "openblas")]
     extern "C" {
         pub fn cblas_sgemm(
@@ -77,100 +166,283 @@ mod ffi {
         );
         pub fn openblas_set_num_threads(n: c_int);
     }
-    #[cfg(all(feature = "openblas", not(feature = "dnnl")))]
-    pub const ROW_MAJOR: c_int = 101;
-    #[cfg(all(feature = "openblas", not(feature = "dnnl")))]
-    pub const NO_TRANS: c_int = 111;
-    #[cfg(all(feature = "openblas", not(feature = "dnnl")))]
-    pub const TRANS: c_int = 112;
 }
 
-/// One library call: `a [m, k]` times `op(b)` into `nc` columns of `c` (row stride `ldc`). With
-/// `trans_b`, `b` holds rows `[nc, k]` (stride `ldb`) and is used transposed; otherwise `b` is
-/// `[k, nc]` with row stride `ldb`.
-///
-/// # Safety
-/// `a` must hold `m * k` floats, `b` the elements described, and `c` must be valid for writes of
-/// rows `0..m`, columns `0..nc` at stride `ldc`, with no other thread touching those elements.
-#[cfg(any(feature = "dnnl", feature = "openblas"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn sgemm_raw(
-    m: usize,
-    nc: usize,
-    k: usize,
-    a: *const f32,
-    b: *const f32,
-    ldb: usize,
-    trans_b: bool,
-    c: *mut f32,
-    ldc: usize,
-) -> candle_core::Result<()> {
-    #[cfg(feature = "dnnl")]
-    {
-        // One OpenMP thread per call (the setting is per calling thread): the parallelism is ours.
-        ffi::omp_set_num_threads(1);
-        let tb = if trans_b { b'T' } else { b'N' };
-        let st = ffi::dnnl_sgemm(
-            b'N' as _, tb as _, m as i64, nc as i64, k as i64, 1.0, a, k as i64, b, ldb as i64,
-            0.0, c, ldc as i64,
-        );
-        if st != 0 {
-            candle_core::bail!("dnnl_sgemm failed with status {st}");
-        }
+/// The kernel linked at build time (features `dnnl`/`openblas`).
+#[cfg(feature = "dnnl")]
+fn linked_kernel() -> Option<Loaded> {
+    Some(Loaded {
+        kernel: Kernel::Dnnl {
+            sgemm: linked::dnnl_sgemm,
+            bf16: Some(linked::dnnl_gemm_bf16bf16f32),
+            omp_set: Some(linked::omp_set_num_threads),
+        },
+        name: "onednn",
+        _lib: None,
+    })
+}
+#[cfg(all(feature = "openblas", not(feature = "dnnl")))]
+fn linked_kernel() -> Option<Loaded> {
+    // SAFETY: a plain setter of the library's global thread count.
+    unsafe { linked::openblas_set_num_threads(1) };
+    Some(Loaded {
+        kernel: Kernel::OpenBlas {
+            sgemm: linked::cblas_sgemm,
+        },
+        name: "openblas",
+        _lib: None,
+    })
+}
+#[cfg(not(any(feature = "dnnl", feature = "openblas")))]
+fn linked_kernel() -> Option<Loaded> {
+    None
+}
+
+/// The first of `names` that loads.
+fn open_any(names: &[&str]) -> Option<libloading::Library> {
+    names.iter().find_map(|n| {
+        // SAFETY: loading runs the library's initialisers; these are well-known system libraries
+        // whose initialisers only set up their own state.
+        unsafe { libloading::Library::new(*n) }.ok()
+    })
+}
+
+/// oneDNN from the system, when installed.
+fn load_dnnl() -> Option<Loaded> {
+    let lib = open_any(&["libdnnl.so.3", "libdnnl.so.2", "libdnnl.so"])?;
+    // SAFETY: the symbols are looked up by their C names and given the C signatures oneDNN 2.x and
+    // 3.x declare in dnnl.h (`omp_set_num_threads` is the OpenMP runtime's, found through
+    // oneDNN's dependencies when it runs on OpenMP). The pointers stay valid while `lib` is
+    // loaded, which is for the rest of the process (it is kept in `Loaded`).
+    unsafe {
+        let sgemm = *lib.get::<DnnlSgemm>(b"dnnl_sgemm\0").ok()?;
+        let bf16 = lib
+            .get::<DnnlGemmBf16>(b"dnnl_gemm_bf16bf16f32\0")
+            .ok()
+            .map(|s| *s);
+        let omp_set = lib
+            .get::<SetThreads>(b"omp_set_num_threads\0")
+            .ok()
+            .map(|s| *s);
+        Some(Loaded {
+            kernel: Kernel::Dnnl {
+                sgemm,
+                bf16,
+                omp_set,
+            },
+            name: "onednn",
+            _lib: Some(lib),
+        })
     }
-    #[cfg(all(feature = "openblas", not(feature = "dnnl")))]
-    {
-        let max = i32::MAX as usize;
-        if m > max || nc > max || k > max || ldb > max || ldc > max {
-            candle_core::bail!("sgemm: dimensions exceed the 32-bit BLAS interface");
+}
+
+/// OpenBLAS from the system, when installed.
+fn load_openblas() -> Option<Loaded> {
+    let lib = open_any(&["libopenblas.so.0", "libopenblas.so"])?;
+    // SAFETY: C names with the signatures of OpenBLAS's cblas.h; valid while `lib` stays loaded
+    // (for the rest of the process).
+    unsafe {
+        let sgemm = *lib.get::<CblasSgemm>(b"cblas_sgemm\0").ok()?;
+        if let Ok(set) = lib.get::<SetThreads>(b"openblas_set_num_threads\0") {
+            set(1);
         }
-        let tb = if trans_b { ffi::TRANS } else { ffi::NO_TRANS };
-        ffi::cblas_sgemm(
-            ffi::ROW_MAJOR,
-            ffi::NO_TRANS,
-            tb,
-            m as i32,
-            nc as i32,
-            k as i32,
+        Some(Loaded {
+            kernel: Kernel::OpenBlas { sgemm },
+            name: "openblas",
+            _lib: Some(lib),
+        })
+    }
+}
+
+/// The kernel of this process, chosen once (see the module docs).
+fn kernel() -> Option<&'static Loaded> {
+    static KERNEL: OnceLock<Option<Loaded>> = OnceLock::new();
+    KERNEL
+        .get_or_init(|| {
+            let choice = std::env::var("NNSCOPE_GEMM").unwrap_or_default();
+            match choice.trim().to_ascii_lowercase().as_str() {
+                "candle" | "none" => None,
+                "dnnl" | "onednn" => linked_kernel()
+                    .filter(|k| k.name == "onednn")
+                    .or_else(load_dnnl),
+                "openblas" => linked_kernel()
+                    .filter(|k| k.name == "openblas")
+                    .or_else(load_openblas),
+                _ => linked_kernel().or_else(load_dnnl).or_else(load_openblas),
+            }
+        })
+        .as_ref()
+}
+
+/// Name of the kernel `Linear` uses for float32 CPU products in this process (`onednn-sgemm`,
+/// `openblas-sgemm` or `candle-gemm`).
+pub fn backend() -> &'static str {
+    match kernel().map(|k| k.kernel) {
+        Some(Kernel::Dnnl { .. }) => "onednn-sgemm",
+        Some(Kernel::OpenBlas { .. }) => "openblas-sgemm",
+        None => "candle-gemm",
+    }
+}
+
+/// Name of the kernel `Linear` uses for bfloat16 CPU products (`onednn-gemm-bf16` or `candle-gemm`).
+pub fn backend_bf16() -> &'static str {
+    if bf16_kernel().is_some() {
+        "onednn-gemm-bf16"
+    } else {
+        "candle-gemm"
+    }
+}
+
+fn bf16_kernel() -> Option<(DnnlGemmBf16, Option<SetThreads>)> {
+    match kernel()?.kernel {
+        Kernel::Dnnl {
+            bf16: Some(f),
+            omp_set,
+            ..
+        } => Some((f, omp_set)),
+        _ => None,
+    }
+}
+
+/// Element types the kernels multiply: float32 everywhere, bfloat16 through oneDNN.
+trait GemmElem: Copy + Send + Sync {
+    /// One library call: `a [m, k]` times `op(b)` into `nc` float32 columns of `c` (row stride
+    /// `ldc`). With `trans_b`, `b` holds rows `[nc, k]` (stride `ldb`) and is used transposed;
+    /// otherwise `b` is `[k, nc]` with row stride `ldb`.
+    ///
+    /// # Safety
+    /// `a` must hold `m * k` elements, `b` the elements described, and `c` must be valid for writes
+    /// of rows `0..m`, columns `0..nc` at stride `ldc`, with no other thread touching those elements.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_raw(
+        m: usize,
+        nc: usize,
+        k: usize,
+        a: *const Self,
+        b: *const Self,
+        ldb: usize,
+        trans_b: bool,
+        c: *mut f32,
+        ldc: usize,
+    ) -> candle_core::Result<()>;
+}
+
+impl GemmElem for f32 {
+    unsafe fn gemm_raw(
+        m: usize,
+        nc: usize,
+        k: usize,
+        a: *const f32,
+        b: *const f32,
+        ldb: usize,
+        trans_b: bool,
+        c: *mut f32,
+        ldc: usize,
+    ) -> candle_core::Result<()> {
+        match kernel().map(|k| k.kernel) {
+            Some(Kernel::Dnnl { sgemm, omp_set, .. }) => {
+                // One OpenMP thread per call (the setting is per calling thread): the parallelism
+                // is ours.
+                if let Some(set) = omp_set {
+                    set(1);
+                }
+                let tb = if trans_b { b'T' } else { b'N' };
+                let st = sgemm(
+                    b'N' as _, tb as _, m as i64, nc as i64, k as i64, 1.0, a, k as i64, b,
+                    ldb as i64, 0.0, c, ldc as i64,
+                );
+                if st != 0 {
+                    candle_core::bail!("dnnl_sgemm failed with status {st}");
+                }
+            }
+            Some(Kernel::OpenBlas { sgemm }) => {
+                let max = i32::MAX as usize;
+                if m > max || nc > max || k > max || ldb > max || ldc > max {
+                    candle_core::bail!("sgemm: dimensions exceed the 32-bit BLAS interface");
+                }
+                let tb = if trans_b { TRANS } else { NO_TRANS };
+                sgemm(
+                    ROW_MAJOR, NO_TRANS, tb, m as i32, nc as i32, k as i32, 1.0, a, k as i32, b,
+                    ldb as i32, 0.0, c, ldc as i32,
+                );
+            }
+            None => candle_core::bail!("sgemm: no system kernel loaded"),
+        }
+        Ok(())
+    }
+}
+
+impl GemmElem for half::bf16 {
+    unsafe fn gemm_raw(
+        m: usize,
+        nc: usize,
+        k: usize,
+        a: *const half::bf16,
+        b: *const half::bf16,
+        ldb: usize,
+        trans_b: bool,
+        c: *mut f32,
+        ldc: usize,
+    ) -> candle_core::Result<()> {
+        let Some((gemm, omp_set)) = bf16_kernel() else {
+            candle_core::bail!("gemm-bf16: no system kernel loaded");
+        };
+        if let Some(set) = omp_set {
+            set(1);
+        }
+        let tb = if trans_b { b'T' } else { b'N' };
+        // `half::bf16` is `repr(transparent)` over its u16 bits, the layout oneDNN's bfloat16 has.
+        let st = gemm(
+            b'N' as _,
+            tb as _,
+            m as i64,
+            nc as i64,
+            k as i64,
             1.0,
-            a,
-            k as i32,
-            b,
-            ldb as i32,
+            a.cast(),
+            k as i64,
+            b.cast(),
+            ldb as i64,
             0.0,
             c,
-            ldc as i32,
+            ldc as i64,
         );
+        if st != 0 {
+            candle_core::bail!("dnnl_gemm_bf16bf16f32 failed with status {st}");
+        }
+        Ok(())
     }
-    Ok(())
+}
+
+/// A pointer to read-only operands that may cross threads.
+#[derive(Clone, Copy)]
+struct ConstPtr<T>(*const T);
+// SAFETY: only read, while the owning slice is borrowed by the caller of `par_for`.
+unsafe impl<T> Send for ConstPtr<T> {}
+unsafe impl<T> Sync for ConstPtr<T> {}
+impl<T> ConstPtr<T> {
+    fn get(self) -> *const T {
+        self.0
+    }
 }
 
 /// `a [m, k]` times `b^T` (`b` is `[n, k]`, `trans_b`) or times `b` (`[k, n]`), row-major, into
-/// `c [m, n]`.
+/// float32 `c [m, n]`.
 ///
 /// The library runs single-threaded and the product is split by output columns over `cpu::par_for`:
 /// mixing OpenMP/pthread pools with candle's made them spin against each other on 2 cores.
-#[cfg(any(feature = "dnnl", feature = "openblas"))]
-fn sgemm(
+fn gemm<T: GemmElem>(
     m: usize,
     n: usize,
     k: usize,
-    a: &[f32],
-    b: &[f32],
+    a: &[T],
+    b: &[T],
     trans_b: bool,
     c: &mut [f32],
 ) -> candle_core::Result<()> {
-    use std::sync::{Mutex, Once};
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        #[cfg(all(feature = "openblas", not(feature = "dnnl")))]
-        // SAFETY: a plain setter of the library's global thread count.
-        unsafe {
-            ffi::openblas_set_num_threads(1)
-        };
-    });
+    use std::sync::Mutex;
     if a.len() < m * k || b.len() < n * k || c.len() < m * n {
-        candle_core::bail!("sgemm: buffers too small for {m}x{k} * ({n}x{k})^T");
+        candle_core::bail!("gemm: buffers too small for {m}x{k} * ({n}x{k})^T");
     }
     let threads = super::cpu::par_threads();
     // Small products, or too few columns to share: one call on this thread. Below ~4M multiply-adds
@@ -184,10 +456,10 @@ fn sgemm(
         (2 * threads).min(n / col_block)
     };
     if chunks == 1 {
-        // SAFETY: sizes checked above; `c` is exclusively borrowed.
         let ldb = if trans_b { k } else { n };
+        // SAFETY: sizes checked above; `c` is exclusively borrowed.
         return unsafe {
-            sgemm_raw(
+            T::gemm_raw(
                 m,
                 n,
                 k,
@@ -203,6 +475,7 @@ fn sgemm(
     // Column ranges, multiples of `col_block` except the last.
     let per = n.div_ceil(chunks).div_ceil(col_block) * col_block;
     let cp = super::cpu::SendPtr(c.as_mut_ptr());
+    let (ap, bp0) = (ConstPtr(a.as_ptr()), ConstPtr(b.as_ptr()));
     let err = Mutex::new(None);
     super::cpu::par_for(chunks, |range| {
         for i in range {
@@ -213,19 +486,19 @@ fn sgemm(
             }
             let (bp, ldb) = if trans_b {
                 // SAFETY: rows n0..n1 of `b` [n, k] are in bounds (n * k checked above).
-                (unsafe { b.as_ptr().add(n0 * k) }, k)
+                (unsafe { bp0.get().add(n0 * k) }, k)
             } else {
                 // SAFETY: columns n0..n1 of `b` [k, n] are in bounds.
-                (unsafe { b.as_ptr().add(n0) }, n)
+                (unsafe { bp0.get().add(n0) }, n)
             };
             // SAFETY: this task alone writes columns n0..n1 of every row of `c`, which stay inside
             // its m * n elements; `a` and `bp` are in bounds as above.
             let r = unsafe {
-                sgemm_raw(
+                T::gemm_raw(
                     m,
                     n1 - n0,
                     k,
-                    a.as_ptr(),
+                    ap.get(),
                     bp,
                     ldb,
                     trans_b,
@@ -247,14 +520,36 @@ fn sgemm(
 }
 
 /// The candle op: lhs `[m, k]` contiguous, rhs `[n, k]` either contiguous or the transposed view of
-/// a contiguous `[k, n]` matrix (GPT-2's `Conv1D` weights, used as stored), float32 on the CPU.
-#[cfg(any(feature = "dnnl", feature = "openblas"))]
+/// a contiguous `[k, n]` matrix (GPT-2's `Conv1D` weights, used as stored), float32 or bfloat16 on
+/// the CPU. bfloat16 products accumulate in float32 and are rounded to bfloat16 once, at the end.
 struct MatmulNt;
 
-#[cfg(any(feature = "dnnl", feature = "openblas"))]
+/// Operand layout of a [`MatmulNt`] call: `(m, n, k, lhs range, rhs offset, trans_b)`.
+type NtLayout = (usize, usize, usize, (usize, usize), usize, bool);
+
+/// Operand layout checks shared by both dtypes.
+fn nt_layout(l1: &candle_core::Layout, l2: &candle_core::Layout) -> candle_core::Result<NtLayout> {
+    let (m, k) = l1.shape().dims2()?;
+    let (n, k2) = l2.shape().dims2()?;
+    if k != k2 {
+        candle_core::bail!("gemm-nt: inner dimensions differ ({k} vs {k2})");
+    }
+    let Some(a) = l1.contiguous_offsets() else {
+        candle_core::bail!("gemm-nt: contiguous lhs only");
+    };
+    let trans_b = if l2.is_contiguous() {
+        true
+    } else if l2.stride() == [1, n] {
+        false
+    } else {
+        candle_core::bail!("gemm-nt: rhs must be contiguous or a transposed contiguous matrix");
+    };
+    Ok((m, n, k, a, l2.start_offset(), trans_b))
+}
+
 impl candle_core::CustomOp2 for MatmulNt {
     fn name(&self) -> &'static str {
-        "sgemm-nt"
+        "gemm-nt"
     }
 
     fn cpu_fwd(
@@ -265,62 +560,91 @@ impl candle_core::CustomOp2 for MatmulNt {
         l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use candle_core::CpuStorage;
-        let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) else {
-            candle_core::bail!("sgemm-nt: float32 only");
-        };
-        let (m, k) = l1.shape().dims2()?;
-        let (n, k2) = l2.shape().dims2()?;
-        if k != k2 {
-            candle_core::bail!("sgemm-nt: inner dimensions differ ({k} vs {k2})");
-        }
-        let Some((a0, a1)) = l1.contiguous_offsets() else {
-            candle_core::bail!("sgemm-nt: contiguous lhs only");
-        };
-        let (trans_b, b0) = if l2.is_contiguous() {
-            (true, l2.start_offset())
-        } else if l2.stride() == [1, n] {
-            (false, l2.start_offset())
-        } else {
-            candle_core::bail!(
-                "sgemm-nt: rhs must be contiguous or a transposed contiguous matrix"
-            );
-        };
-        let Some(b) = b.get(b0..b0 + n * k) else {
-            candle_core::bail!("sgemm-nt: rhs storage too small");
-        };
+        let (m, n, k, (a0, a1), b0, trans_b) = nt_layout(l1, l2)?;
         let mut c = vec![0f32; m * n];
-        sgemm(m, n, k, &a[a0..a1], b, trans_b, &mut c)?;
-        Ok((CpuStorage::F32(c), (m, n).into()))
+        match (s1, s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                let Some(b) = b.get(b0..b0 + n * k) else {
+                    candle_core::bail!("gemm-nt: rhs storage too small");
+                };
+                gemm(m, n, k, &a[a0..a1], b, trans_b, &mut c)?;
+                Ok((CpuStorage::F32(c), (m, n).into()))
+            }
+            (CpuStorage::BF16(a), CpuStorage::BF16(b)) => {
+                let Some(b) = b.get(b0..b0 + n * k) else {
+                    candle_core::bail!("gemm-nt: rhs storage too small");
+                };
+                gemm(m, n, k, &a[a0..a1], b, trans_b, &mut c)?;
+                Ok((CpuStorage::BF16(to_bf16(&c)), (m, n).into()))
+            }
+            _ => candle_core::bail!("gemm-nt: float32 or bfloat16 operands of one dtype only"),
+        }
+    }
+}
+
+/// Rounds float32 to bfloat16 (nearest, ties to even), split over the worker pool when large.
+fn to_bf16(c: &[f32]) -> Vec<half::bf16> {
+    let mut out = vec![half::bf16::ZERO; c.len()];
+    let block = 1 << 14;
+    if c.len() < 2 * block {
+        for (o, &x) in out.iter_mut().zip(c) {
+            *o = half::bf16::from_f32(x);
+        }
+        return out;
+    }
+    let op = super::cpu::SendPtr(out.as_mut_ptr().cast::<f32>());
+    super::cpu::par_for(c.len().div_ceil(block), |range| {
+        for i in range {
+            let (s, e) = (i * block, ((i + 1) * block).min(c.len()));
+            // SAFETY: block `i` of `out` is written by this call alone and lies inside `out`.
+            let o = unsafe {
+                std::slice::from_raw_parts_mut(op.get().cast::<half::bf16>().add(s), e - s)
+            };
+            for (o, &x) in o.iter_mut().zip(&c[s..e]) {
+                *o = half::bf16::from_f32(x);
+            }
+        }
+    });
+    out
+}
+
+/// Whether the system kernel multiplies this dtype (float32: any kernel; bfloat16: oneDNN).
+fn kernel_takes(dtype: DType) -> bool {
+    match dtype {
+        DType::F32 => kernel().is_some(),
+        DType::BF16 => bf16_kernel().is_some(),
+        _ => false,
     }
 }
 
 /// A `Linear` weight `[out, in]` in the layout the system kernel is fastest with, prepared once at
-/// load: with a system kernel, float32 CPU weights are stored transposed (`[in, out]` contiguous)
-/// and returned as the `[out, in]` view of that storage, so shape and values are unchanged. oneDNN's
-/// sgemm reads `x W` about 3x faster than `x W^T` at 16 tokens (it re-packs a transposed weight on
-/// every call) and 1.3x faster at 128. Without a system kernel the weight is returned as is.
+/// load: with a system kernel, CPU weights of a dtype it multiplies are stored transposed
+/// (`[in, out]` contiguous) and returned as the `[out, in]` view of that storage, so shape and values
+/// are unchanged. oneDNN's sgemm reads `x W` about 3x faster than `x W^T` at 16 tokens (it re-packs
+/// a transposed weight on every call) and 1.3x faster at 128. Otherwise the weight is returned as is.
 pub(crate) fn prepare_weight(w: Tensor) -> candle_core::Result<Tensor> {
-    #[cfg(any(feature = "dnnl", feature = "openblas"))]
-    if w.dtype() == candle_core::DType::F32 && w.device().is_cpu() && w.rank() == 2 {
+    if w.device().is_cpu() && w.rank() == 2 && kernel_takes(w.dtype()) {
         return w.t()?.contiguous()?.t();
     }
     Ok(w)
 }
 
-/// `x [m, k]` times `w^T` (`w [n, k]`) through the system kernel, when this build has one and the
-/// operands suit it (float32, CPU, contiguous). `None` means: use candle's matmul.
+/// `x [m, k]` times `w^T` (`w [n, k]`) through the system kernel, when one is loaded and the
+/// operands suit it (float32, or bfloat16 with oneDNN; CPU; contiguous). `None` means: use candle's
+/// matmul.
 pub(crate) fn matmul_nt(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    #[cfg(any(feature = "dnnl", feature = "openblas"))]
-    {
-        use candle_core::DType;
-        let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && t.rank() == 2;
-        let w_ok = w.is_contiguous() || w.stride() == [1, w.dim(0)?];
-        // On a gradient path: candle's matmul, which has a backward (this kernel has none).
-        let tracked = x.track_op() || w.track_op();
-        if f32_cpu(x) && f32_cpu(w) && x.is_contiguous() && w_ok && !tracked {
-            return x.apply_op2_no_bwd(w, &MatmulNt).map(Some);
-        }
+    let dt = x.dtype();
+    let cpu2 = |t: &Tensor| t.device().is_cpu() && t.rank() == 2;
+    if w.dtype() != dt || !cpu2(x) || !cpu2(w) || !x.is_contiguous() || !kernel_takes(dt) {
+        return Ok(None);
     }
-    let _ = (x, w);
-    Ok(None)
+    // On a gradient path: candle's matmul, which has a backward (this kernel has none).
+    if x.track_op() || w.track_op() {
+        return Ok(None);
+    }
+    let w_ok = w.is_contiguous() || w.stride() == [1, w.dim(0)?];
+    if !w_ok {
+        return Ok(None);
+    }
+    x.apply_op2_no_bwd(w, &MatmulNt).map(Some)
 }

@@ -25,7 +25,6 @@ pub(crate) fn par_for(n_items: usize, f: impl Fn(std::ops::Range<usize>) + Sync)
 }
 
 /// Threads of [`par_for`]'s pool (the calling thread included).
-#[cfg(any(feature = "dnnl", feature = "openblas"))]
 pub(crate) fn par_threads() -> usize {
     candle_core::utils::barrier_pool().n_workers() + 1
 }

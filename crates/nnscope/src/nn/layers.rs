@@ -41,10 +41,17 @@ impl Linear {
     }
 }
 
-/// Which matrix-multiply kernel `Linear`/`Conv1D` use for float32 on the CPU in this build
-/// (`candle-gemm`, or a system kernel with the `dnnl`/`openblas` features).
+/// Which matrix-multiply kernel `Linear`/`Conv1D` use for float32 on the CPU in this process:
+/// `onednn-sgemm` or `openblas-sgemm` when a system library was found at run time (or linked with
+/// the `dnnl`/`openblas` features), `candle-gemm` otherwise (see `NNSCOPE_GEMM` in the README).
 pub fn gemm_backend() -> &'static str {
     super::blas::backend()
+}
+
+/// Which kernel `Linear`/`Conv1D` use for bfloat16 on the CPU: `onednn-gemm-bf16` (AVX512-BF16/AMX
+/// where the CPU has them) when oneDNN is available, `candle-gemm` otherwise.
+pub fn gemm_backend_bf16() -> &'static str {
+    super::blas::backend_bf16()
 }
 
 /// A `[out, in]` weight in the memory layout `Linear` keeps it in for this build's kernel (same shape
@@ -65,7 +72,7 @@ pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let in_dim = dims[dims.len() - 1];
     let lead: usize = dims[..dims.len() - 1].iter().product();
     let x2 = x.reshape((lead, in_dim))?;
-    // A system sgemm when the build has one (features `dnnl`/`openblas`); candle's kernel otherwise.
+    // A system kernel when one was found (see nn/blas.rs); candle's kernel otherwise.
     let y = match super::blas::matmul_nt(&x2, w)? {
         Some(y) => y,
         None => x2.matmul(&w.t()?)?,

@@ -26,8 +26,8 @@ pub use builder::Builder;
 pub use cache::{past_len, positions_from_mask, KvCache};
 pub use gemma_norm::GemmaRmsNorm;
 pub use layers::{
-    gemm_backend, linear_matmul, prepare_linear_weight, Conv1D, Dropout, Embedding, LayerNorm,
-    Linear, RmsNorm,
+    gemm_backend, gemm_backend_bf16, linear_matmul, prepare_linear_weight, Conv1D, Dropout,
+    Embedding, LayerNorm, Linear, RmsNorm,
 };
 pub use olmo_norm::{Olmo2RmsNorm, OlmoLayerNorm};
 pub use scaled_embedding::ScaledWordEmbedding;
