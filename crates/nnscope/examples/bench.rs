@@ -3,12 +3,14 @@
 //! ```text
 //! bench --model DIR --batch B --tokens T --mode plain|traced [--warmup N] [--iters N]
 //! bench --mode matmul --sizes 512,1024,2048 [--iters N]
-//! bench --model DIR --batch B --tokens T --mode generate|generate-traced --new N [--warmup N] [--iters N]
+//! bench --model DIR --batch B --tokens T --mode generate|generate-traced|generate-all-logits --new N [--warmup N] [--iters N]
 //! ```
 //!
 //! `generate` is greedy `Model::generate` of exactly N new tokens (end-of-sequence ignored) with the
 //! key/value cache; `generate-traced` also saves every layer's output at every step (what
-//! bench_py.py asks nnsight's `generate()` for). Both also time N = 1 (time to first token).
+//! bench_py.py asks nnsight's `generate()` for); `generate-all-logits` saves `logits`, which makes
+//! every step compute all positions' logits (generation otherwise computes the last position's
+//! only). All three also time N = 1 (time to first token).
 //!
 //! `plain` is `Model::forward`; `traced` is a trace saving every layer's attention probabilities and
 //! output (`attention_probabilities.L`, `layers_output.L`), the same saves bench/bench_py.py asks
@@ -229,8 +231,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 Ok(())
             })?
         }
-        "generate" | "generate-traced" => {
+        "generate" | "generate-traced" | "generate-all-logits" => {
             let traced = a.mode == "generate-traced";
+            // Saving `logits` makes every step compute all positions' logits (the A side of the
+            // last-position-only A/B: generation otherwise multiplies only the last row).
+            let all_logits = a.mode == "generate-all-logits";
             if traced && !instrumented() {
                 return Err("generate-traced needs the `hooks` feature (the default)".into());
             }
@@ -243,6 +248,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                     for l in 0..layers {
                         g = g.save(&format!("layers_output.{l}"))?;
                     }
+                }
+                if all_logits {
+                    g = g.save("logits")?;
                 }
                 let out = g.run()?;
                 if traced && out.saved.len() != layers * n {
@@ -260,7 +268,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
         other => {
             return Err(format!(
-                "unknown --mode {other} (plain, traced, matmul, generate, generate-traced)"
+                "unknown --mode {other} (plain, traced, matmul, generate, generate-traced, generate-all-logits)"
             )
             .into())
         }

@@ -317,6 +317,26 @@ pub(crate) fn generate_loop(
     })
 }
 
+/// The output head's scope when generation may compute only the last position's logits: the head is
+/// a `Linear` and no request of `plan` is in it or in a module that contains it (whose output or
+/// calls could see the logits). `None`: compute every position.
+fn last_position_head(model: &Model, plan: &crate::trace::Plan) -> Option<crate::trace::Scope> {
+    use crate::trace::Target;
+    let head = model.names().lm_head.as_str();
+    let table = model.module_table();
+    let (scope, entry) = table.find(head)?;
+    if entry.type_name != "Linear" {
+        return None;
+    }
+    let around_head =
+        |path: &str| path.is_empty() || path == head || head.starts_with(&format!("{path}."));
+    let touched = plan
+        .requests()
+        .iter()
+        .any(|r| around_head(&table.get(r.path.module).path));
+    (!touched).then_some(scope)
+}
+
 /// Logits [B, vocab] of the last position of each step, stacked [steps, B, vocab].
 pub(crate) fn stack_scores(scores: &[Tensor]) -> Result<Option<Tensor>> {
     if scores.is_empty() {
@@ -488,7 +508,11 @@ impl<'m> Generate<'m> {
             }
             Ok(out.output)
         };
+        // Only the last position's logits are used when no request reads the output head or a
+        // module around it (transformers' `logits_to_keep=1`): the head multiplies one row.
+        let _last_only = last_position_head(model, &plan).map(crate::nn::last_position_only);
         let g = generate_loop(model, &ids, &mask, &self.opts, &mut step_fn)?;
+        drop(_last_only);
         let texts = decode_rows(model, &g.new_tokens)?;
         Ok(GenerateOutput {
             output_ids: g.output_ids,

@@ -469,3 +469,36 @@ fn stop_and_skip_while_generating() {
         ) > 1e-3
     );
 }
+
+/// With no request near the output head, generation multiplies only the last position through it
+/// (transformers' `logits_to_keep=1`); saving `logits` makes it compute every position. Both must pick
+/// the same tokens from the same scores, on heads of several kinds (tied GPT-2, untied LLaMA).
+#[test]
+fn last_position_logits_equal_all_position_logits() {
+    for name in ["gpt2", "llama", "gpt_neox"] {
+        let model = common::load(name);
+        let g = common::golden(name);
+        let run = |save_logits: bool| {
+            let mut gen = model
+                .generate(Input::prompts(&g.batch))
+                .max_new_tokens(4)
+                .ignore_eos(true);
+            if save_logits {
+                gen = gen.save("logits").unwrap();
+            }
+            gen.run().unwrap()
+        };
+        let (last, all) = (run(false), run(true));
+        assert_eq!(
+            last.new_tokens().unwrap(),
+            all.new_tokens().unwrap(),
+            "{name}"
+        );
+        let (a, b) = (last.scores.clone().unwrap(), all.scores.clone().unwrap());
+        let tol = 1e-5 * common::max_abs(&b).max(1.0);
+        let d = common::max_diff(&a, &b);
+        assert!(d <= tol, "{name}: scores differ by {d} > {tol}");
+        // The saved step-0 logits cover the whole prompt; the last position is what was picked from.
+        assert_eq!(all.get("logits@0").unwrap().dim(1).unwrap(), all.prompt_len);
+    }
+}

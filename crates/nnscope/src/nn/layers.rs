@@ -82,11 +82,55 @@ pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     y.reshape(out_dims)
 }
 
+thread_local! {
+    /// The `Linear` that multiplies only the last position of its input (see [`last_position_only`]).
+    static LAST_POSITION_ONLY: std::cell::Cell<Option<Scope>> = const { std::cell::Cell::new(None) };
+}
+
+/// While the returned guard lives, the `Linear` of `scope` (the output head) multiplies only the
+/// last position of a `[B, T, in]` input on this thread, giving `[B, 1, out]`: transformers'
+/// `logits_to_keep=1`. Generation sets it when no request reads the head or anything around it, so
+/// a prompt of T tokens costs one row of the vocabulary product instead of T.
+pub(crate) fn last_position_only(scope: Scope) -> LastPositionOnly {
+    LastPositionOnly {
+        prev: LAST_POSITION_ONLY.with(|c| c.replace(Some(scope))),
+    }
+}
+
+/// Guard of [`last_position_only`]; restores the previous setting on drop.
+pub(crate) struct LastPositionOnly {
+    prev: Option<Scope>,
+}
+
+impl Drop for LastPositionOnly {
+    fn drop(&mut self) {
+        LAST_POSITION_ONLY.with(|c| c.set(self.prev));
+    }
+}
+
+/// `x`, or its last position when [`last_position_only`] names `scope` and `x` is `[B, T > 1, in]`.
+fn head_rows(scope: Scope, x: &Tensor) -> Result<Tensor> {
+    if LAST_POSITION_ONLY.with(|c| c.get()) == Some(scope) && x.rank() == 3 {
+        let t = x.dim(1)?;
+        if t > 1 {
+            return x.narrow(1, t - 1, 1);
+        }
+    }
+    Ok(x.clone())
+}
+
+/// [`head_rows`] as a macro, so that it adds no call site (hookpoint) to `Linear`'s forward.
+macro_rules! head_rows {
+    ($scope:expr, $x:expr) => {
+        head_rows($scope, $x)?
+    };
+}
+
 #[hooked]
 impl Linear {
     /// y = x W^T + b.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = matmul_t(x, &self.weight)?;
+        let y = matmul_t(&head_rows!(self.scope, x), &self.weight)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),

@@ -25,6 +25,7 @@ pub use attention::repeat_kv;
 pub use builder::Builder;
 pub use cache::{past_len, positions_from_mask, KvCache};
 pub use gemma_norm::GemmaRmsNorm;
+pub(crate) use layers::last_position_only;
 pub use layers::{
     gemm_backend, gemm_backend_bf16, linear_matmul, prepare_linear_weight, Conv1D, Dropout,
     Embedding, LayerNorm, Linear, RmsNorm,
