@@ -17,7 +17,9 @@
 //! nnsight for. Token ids follow a fixed formula shared with the Python side, so every contender
 //! runs the same input. Threads: set `RAYON_NUM_THREADS` (bench/run.sh does).
 //!
-//! The JSON line carries min/median milliseconds, the peak resident memory of this process
+//! The JSON line carries min/median milliseconds (wall clock, and `cpu_*`: CPU time of the whole
+//! process, which with `RAYON_NUM_THREADS=1` measures the work done even on a loaded machine), the
+//! peak resident memory of this process
 //! (`VmHWM`), whether the instrumentation was compiled in, and the GEMM backend.
 
 use candle_core::{DType, Device, Tensor};
@@ -113,6 +115,23 @@ fn parse_args() -> Result<Args, String> {
     Ok(a)
 }
 
+thread_local! {
+    /// (min, median) CPU time of the last [`time`] call's iterations, all threads of the process.
+    static CPU_STATS: std::cell::Cell<(f64, f64)> = const { std::cell::Cell::new((0.0, 0.0)) };
+}
+
+/// CPU time used so far by this process (all threads), in milliseconds. With one thread
+/// (`RAYON_NUM_THREADS=1`) it measures the work done even when other jobs share the cores.
+fn cpu_ms() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6
+}
+
 /// (min, median) of the samples, in milliseconds.
 fn stats(mut v: Vec<f64>) -> (f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -134,11 +153,14 @@ fn time<F: FnMut() -> Result<(), Box<dyn std::error::Error>>>(
         f()?;
     }
     let mut samples = Vec::with_capacity(iters);
+    let mut cpu = Vec::with_capacity(iters);
     for _ in 0..iters {
-        let t0 = Instant::now();
+        let (t0, c0) = (Instant::now(), cpu_ms());
         f()?;
         samples.push(t0.elapsed().as_secs_f64() * 1e3);
+        cpu.push(cpu_ms() - c0);
     }
+    CPU_STATS.with(|c| c.set(stats(cpu)));
     Ok(stats(samples))
 }
 
@@ -200,6 +222,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let load_peak = peak_rss_mib();
     let reset = reset_peak_rss();
     let mut first_token: Option<(f64, f64)> = None;
+    let mut first_cpu = (0.0, 0.0);
     let args_new = a.new;
     let (mn, med) = match a.mode.as_str() {
         "plain" => time(a.warmup, a.iters, || {
@@ -262,6 +285,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 Ok(())
             };
             let (fmn, fmed) = time(a.warmup, a.iters, || gen(1))?;
+            first_cpu = CPU_STATS.with(|c| c.get());
             let r = time(a.warmup, a.iters, || gen(a.new))?;
             first_token = Some((fmn, fmed));
             r
@@ -273,10 +297,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             .into())
         }
     };
+    let (cmin, cmed) = CPU_STATS.with(|c| c.get());
     let first = match first_token {
         Some((a, b)) => format!(
-            ",\"new\":{},\"first_min_ms\":{a:.3},\"first_median_ms\":{b:.3}",
-            args_new
+            ",\"new\":{},\"first_min_ms\":{a:.3},\"first_median_ms\":{b:.3},\"first_cpu_min_ms\":{:.3},\"first_cpu_median_ms\":{:.3}",
+            args_new, first_cpu.0, first_cpu.1
         ),
         None => String::new(),
     };
@@ -291,7 +316,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     });
     let fwd_rss = num(if reset { fwd_peak } else { None });
     println!(
-        "{{\"contender\":\"nnscope\",\"mode\":\"{}\",\"model\":\"{}\",\"batch\":{},\"tokens\":{},\"iters\":{},\"min_ms\":{mn:.3},\"median_ms\":{med:.3},\"peak_rss_mib\":{rss},\"forward_peak_rss_mib\":{fwd_rss},\"load_ms\":{load_ms:.1},\"instrumented\":{},\"threads\":\"{threads}\",\"backend\":\"{backend}\",\"dtype\":\"{:?}\"{first}}}",
+        "{{\"contender\":\"nnscope\",\"mode\":\"{}\",\"model\":\"{}\",\"batch\":{},\"tokens\":{},\"iters\":{},\"min_ms\":{mn:.3},\"median_ms\":{med:.3},\"peak_rss_mib\":{rss},\"forward_peak_rss_mib\":{fwd_rss},\"load_ms\":{load_ms:.1},\"instrumented\":{},\"threads\":\"{threads}\",\"backend\":\"{backend}\",\"dtype\":\"{:?}\",\"cpu_min_ms\":{cmin:.3},\"cpu_median_ms\":{cmed:.3}{first}}}",
         a.mode,
         a.model.replace('\\', "\\\\").replace('"', "\\\""),
         a.batch,
