@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod collect_cmd;
 mod experiments_cmd;
 mod generate_cmd;
 mod lens_cmd;
@@ -78,6 +79,9 @@ enum Cmd {
     Prompts(experiments_cmd::PromptsArgs),
     /// Gradients of a logit (difference) with respect to hookpoints, through candle's autograd.
     Grad(experiments_cmd::GradArgs),
+    /// Save activations over a corpus (plain text or JSON Lines) into resumable safetensors
+    /// shards; `--shard I/N` and `--merge` split a corpus over machines.
+    Collect(collect_cmd::CollectArgs),
     /// Check the model's attention-probability hookpoint: it resolves, has the expected shape,
     /// its rows sum to 1, and changing it changes the output.
     Check {
@@ -530,6 +534,7 @@ fn main() -> ExitCode {
         Cmd::Dla(args) => experiments_cmd::dla_cmd(args),
         Cmd::Prompts(args) => experiments_cmd::prompts_cmd(args),
         Cmd::Grad(args) => experiments_cmd::grad_cmd(args),
+        Cmd::Collect(args) => collect_cmd::collect(args),
         Cmd::Completions { shell } => {
             clap_complete::generate(
                 shell,

@@ -24,6 +24,7 @@
 extern crate self as nnscope;
 
 mod alloc;
+pub mod collect;
 pub mod config;
 pub mod discover;
 mod error;
