@@ -55,6 +55,8 @@ pub struct GenerateArgs {
     /// Compute dtype: float32, bfloat16 or float16.
     #[arg(long, default_value = "float32")]
     dtype: String,
+    #[command(flatten)]
+    sae: crate::sae_args::SaeArgs,
 }
 
 /// `A:B` or `A:` -> (A, Some(B)) / (A, None).
@@ -112,7 +114,7 @@ pub fn generate(args: GenerateArgs) -> Result<(), String> {
         .iter()
         .flat_map(|s| expand_stars(s, m.num_layers()))
         .collect();
-    let mut gen = m.generate(input).options(opts);
+    let mut gen = crate::sae_args::apply_sae_args!(m.generate(input).options(opts), args.sae);
     for n in &names {
         gen = gen.save(n).map_err(err)?;
         if let Some((a, b)) = steps {

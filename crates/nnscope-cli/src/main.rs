@@ -15,6 +15,7 @@ mod experiments_cmd;
 mod generate_cmd;
 mod lens_cmd;
 mod patch_cmd;
+mod sae_args;
 
 #[derive(Parser)]
 #[command(
@@ -64,6 +65,8 @@ enum Cmd {
         /// Compute dtype: float32, bfloat16 or float16.
         #[arg(long, default_value = "float32")]
         dtype: String,
+        #[command(flatten)]
+        sae: sae_args::SaeArgs,
     },
     /// Generate tokens with the key/value cache, saving hookpoint values at every step.
     Generate(generate_cmd::GenerateArgs),
@@ -365,6 +368,7 @@ fn run(
     saves: Vec<String>,
     out: PathBuf,
     dtype: &str,
+    sae: &sae_args::SaeArgs,
 ) -> Result<(), String> {
     let dtype = parse_dtype(dtype)?;
     // Check where the result goes before loading and running, which can take minutes.
@@ -388,7 +392,7 @@ fn run(
         .iter()
         .flat_map(|s| expand_stars(s, m.num_layers()))
         .collect();
-    let mut trace = m.trace(input);
+    let mut trace = sae_args::apply_sae_args!(m.trace(input), sae);
     let mut derived = Vec::new();
     for n in &names {
         if n == "next_token_probs" {
@@ -526,7 +530,8 @@ fn main() -> ExitCode {
             saves,
             out,
             dtype,
-        } => run(&model, prompts, inputs, saves, out, &dtype),
+            sae,
+        } => run(&model, prompts, inputs, saves, out, &dtype, &sae),
         Cmd::Generate(args) => generate_cmd::generate(args),
         Cmd::Lens(args) => lens_cmd::lens_cmd(args).map(|_| ()),
         Cmd::Patch(args) => patch_cmd::patch_cmd(args).map(|_| ()),

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 pub mod download;
 
-pub use download::{download, HubOptions};
+pub use download::{download, download_files, HubOptions};
 
 /// Where the cache is looked for, in order: `HF_HUB_CACHE`, `HF_HOME/hub`,
 /// `XDG_CACHE_HOME/huggingface/hub`, `~/.cache/huggingface/hub`. Downloads go to the first.

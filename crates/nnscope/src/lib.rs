@@ -34,6 +34,7 @@ pub mod hub;
 mod model;
 pub mod models;
 pub mod nn;
+pub mod sae;
 mod session;
 pub mod standard;
 pub mod trace;
@@ -42,7 +43,8 @@ pub use alloc::keep_freed_memory;
 pub use error::{nearest, strip_backtrace, Error, HubErrorKind, Result};
 pub use generate::{GenerateOptions, GenerateOutput};
 pub use model::{Input, LoadOptions, Model};
-pub use session::{PlanBuilder, Trace, TraceOutput};
+pub use sae::Sae;
+pub use session::{Attach, PlanBuilder, Trace, TraceOutput};
 pub use trace::{Plan, StepOutput, Steps};
 
 /// What `#[hooked]` code calls at run time. Not a public API.

@@ -18,10 +18,12 @@
 //! # Ok::<(), nnscope::Error>(())
 //! ```
 
-use crate::trace::{Action, Plan, Steps};
+use crate::sae::Sae;
+use crate::trace::{Action, EditFn, Plan, Steps};
 use crate::{Error, Input, Model, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use std::ops::Range;
+use std::sync::Arc;
 
 /// What a trace produced.
 #[derive(Debug)]
@@ -85,6 +87,216 @@ impl TraceOutput {
 pub struct Requests {
     plan: Plan,
     last: Range<usize>,
+    /// The attached SAEs, whose requests are kept here and compiled into one `Derive` request
+    /// each (the trace core knows nothing of SAEs).
+    saes: Vec<Attached>,
+    /// The attached SAE whose hookpoint the last call added a request on (`steps` apply to that
+    /// request; `rows` do not apply there).
+    last_sae: Option<usize>,
+}
+
+/// How to attach a sparse autoencoder or transcoder ([`Requests::sae`], `.sae(...)` on every
+/// builder). `Attach::from(sae)` attaches it at the hook its `cfg.json` names, unspliced.
+#[derive(Debug, Clone)]
+pub struct Attach {
+    /// The SAE.
+    pub sae: Arc<Sae>,
+    /// The hookpoint it reads (a standard name, a TransformerLens name or any path); `None`: the
+    /// `hook_name` of its `cfg.json`.
+    pub hook: Option<String>,
+    /// A transcoder's output hookpoint; `None`: `hook_name_out` of its `cfg.json`.
+    pub hook_out: Option<String>,
+    /// Replace the hook's value (a transcoder's: the output hook's) by the reconstruction.
+    pub splice: bool,
+}
+
+impl From<Sae> for Attach {
+    fn from(sae: Sae) -> Self {
+        Attach {
+            sae: Arc::new(sae),
+            hook: None,
+            hook_out: None,
+            splice: false,
+        }
+    }
+}
+
+impl Attach {
+    /// Attaches at `hook` instead of the hook its `cfg.json` names.
+    pub fn at(mut self, hook: &str) -> Self {
+        self.hook = Some(hook.to_string());
+        self
+    }
+
+    /// A transcoder's output hookpoint, instead of `hook_name_out`.
+    pub fn out(mut self, hook: &str) -> Self {
+        self.hook_out = Some(hook.to_string());
+        self
+    }
+
+    /// Splices the SAE: the hook's value becomes the reconstruction (no error term).
+    pub fn splice(mut self, yes: bool) -> Self {
+        self.splice = yes;
+        self
+    }
+}
+
+/// Which value under an attached SAE's hookpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SaeValue {
+    FeatureActs,
+    Reconstruction,
+    ErrorTerm,
+}
+
+/// A request on an SAE hookpoint, served inside the SAE's derivation, in the order added, at the
+/// steps given.
+#[derive(Clone)]
+struct SaeSub {
+    kind: SaeSubKind,
+    steps: Steps,
+}
+
+#[derive(Clone)]
+enum SaeSubKind {
+    Save(SaeValue, String),
+    Set(Tensor),
+    Edit(EditFn),
+}
+
+/// An attached SAE.
+#[derive(Clone)]
+struct Attached {
+    hook: String,
+    canonical: String,
+    request: usize,
+    source: Option<usize>,
+    sae: Arc<Sae>,
+    splice: bool,
+    subs: Vec<SaeSub>,
+}
+
+impl std::fmt::Debug for Attached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Attached({} at {}, splice {}, {} requests)",
+            self.sae.dir.display(),
+            self.hook,
+            self.splice,
+            self.subs.len()
+        )
+    }
+}
+
+/// `(hook, value)` of a path `H.sae.feature_acts` / `H.sae.reconstruction` / `H.sae.error`.
+fn split_sae(path: &str) -> Option<(&str, &str)> {
+    let i = path.rfind(".sae.")?;
+    Some((&path[..i], &path[i + 5..]))
+}
+
+fn sae_value(path: &str, what: &str) -> Result<SaeValue> {
+    match what {
+        "feature_acts" => Ok(SaeValue::FeatureActs),
+        "reconstruction" => Ok(SaeValue::Reconstruction),
+        "error" => Ok(SaeValue::ErrorTerm),
+        other => Err(Error::Hookpoint {
+            path: path.into(),
+            msg: format!("an SAE has no value `{other}`"),
+            suggestions: crate::nearest(other, ["feature_acts", "reconstruction", "error"], 1),
+        }),
+    }
+}
+
+/// The SAE's derivation at its (output) hookpoint: encodes (the source's value for a
+/// transcoder), serves the requests on its hookpoints in order, and returns the hook's new value:
+/// the reconstruction when spliced; else, when the features were written, `x + decode(f') -
+/// decode(f)`; else `x` itself, untouched.
+fn derive_action(a: &Attached) -> Action {
+    let sae = a.sae.clone();
+    let subs = a.subs.clone();
+    let splice = a.splice;
+    let outputs: Vec<String> = subs
+        .iter()
+        .filter_map(|s| match &s.kind {
+            SaeSubKind::Save(_, name) => Some(name.clone()),
+            _ => None,
+        })
+        .collect();
+    let f = move |cur: &Tensor,
+                  src: Option<&Tensor>,
+                  step: usize,
+                  outs: &mut [Option<Tensor>]|
+          -> candle_core::Result<Tensor> {
+        use crate::sae::{flatten, unflatten};
+        let input = src.unwrap_or(cur);
+        let (flat, lead) = flatten(input, sae.d_in)?;
+        let enc = sae.encode(&flat)?;
+        let f0 = enc.feature_acts.clone();
+        let mut shape = lead.clone();
+        shape.push(sae.d_sae);
+        let mut feats = f0.clone();
+        let mut edited = false;
+        let mut slot = 0;
+        let mut pending = Vec::new();
+        for s in &subs {
+            let active = s.steps.contains(step);
+            match &s.kind {
+                SaeSubKind::Save(SaeValue::FeatureActs, _) => {
+                    if active {
+                        outs[slot] = Some(unflatten(&feats, &lead)?);
+                    }
+                    slot += 1;
+                }
+                SaeSubKind::Save(v, _) => {
+                    if active {
+                        pending.push((slot, *v));
+                    }
+                    slot += 1;
+                }
+                _ if !active => {}
+                SaeSubKind::Set(t) => {
+                    feats = new_features(t.clone(), &shape, &f0)?;
+                    edited = true;
+                }
+                SaeSubKind::Edit(g) => {
+                    feats = new_features(g(&unflatten(&feats, &lead)?)?, &shape, &f0)?;
+                    edited = true;
+                }
+            }
+        }
+        if pending.is_empty() && !edited && !splice {
+            // Only feature activations were asked for: no decoding, the value untouched.
+            return Ok(cur.clone());
+        }
+        let recon0 = sae.decode(&f0, &enc)?;
+        let recon = if edited {
+            sae.decode(&feats, &enc)?
+        } else {
+            recon0.clone()
+        };
+        let (cur_flat, cur_lead) = flatten(cur, sae.d_out)?;
+        let cur32 = cur_flat.to_dtype(DType::F32)?;
+        for (slot, v) in pending {
+            outs[slot] = Some(match v {
+                SaeValue::Reconstruction => unflatten(&recon, &cur_lead)?,
+                _ => unflatten(&(&cur32 - &recon0)?, &cur_lead)?,
+            });
+        }
+        let new = if splice {
+            recon
+        } else if edited {
+            (cur32 + (recon - recon0)?)?
+        } else {
+            return Ok(cur.clone());
+        };
+        new.to_dtype(cur.dtype())?.reshape(cur.dims())
+    };
+    Action::Derive {
+        f: Arc::new(f),
+        source: a.source,
+        outputs,
+    }
 }
 
 impl Requests {
@@ -93,6 +305,8 @@ impl Requests {
         Requests {
             plan: Plan::new(model),
             last: 0..0,
+            saes: Vec::new(),
+            last_sae: None,
         }
     }
 
@@ -109,16 +323,122 @@ impl Requests {
     fn push(&mut self, model: &Model, path: &str, action: Action) -> Result<usize> {
         let i = self.plan.add(model, path, action)?;
         self.last = i..i + 1;
+        self.last_sae = None;
         Ok(i)
+    }
+
+    /// Serves a request on `H.sae.<value>` (returns false when `path` is no SAE hookpoint).
+    fn sae_request(
+        &mut self,
+        model: &Model,
+        path: &str,
+        sub: impl FnOnce(SaeValue) -> Result<SaeSubKind>,
+    ) -> Result<bool> {
+        let Some((hook, what)) = split_sae(path) else {
+            return Ok(false);
+        };
+        let value = sae_value(path, what)?;
+        let found = match self.saes.iter().rposition(|a| a.hook == hook) {
+            Some(i) => Some(i),
+            None => {
+                let canonical = model.resolve(hook).map(|hp| hp.canonical).ok();
+                self.saes
+                    .iter()
+                    .rposition(|a| Some(&a.canonical) == canonical.as_ref())
+            }
+        };
+        let Some(i) = found else {
+            return Err(Error::Hookpoint {
+                path: path.into(),
+                msg: format!(
+                    "no SAE is attached at `{hook}`: attach one first (`.sae(...)`, `--sae DIR`)"
+                ),
+                suggestions: self
+                    .saes
+                    .iter()
+                    .map(|a| format!("{}.sae.{what}", a.hook))
+                    .collect(),
+            });
+        };
+        let kind = sub(value)?;
+        self.saes[i].subs.push(SaeSub {
+            kind,
+            steps: Steps::All,
+        });
+        let action = derive_action(&self.saes[i]);
+        self.plan.set_action(self.saes[i].request, action)?;
+        self.last = 0..0;
+        self.last_sae = Some(i);
+        Ok(true)
+    }
+
+    /// Attaches a sparse autoencoder or transcoder (see [`Attach`]). Its values become
+    /// hookpoints under its (input) hook `H`: `H.sae.feature_acts` [.., d_sae] (writable),
+    /// `H.sae.reconstruction`, `H.sae.error`. Unless spliced or written, it changes nothing.
+    pub fn sae(&mut self, model: &Model, attach: impl Into<Attach>) -> Result<()> {
+        let attach = attach.into();
+        let sae = Arc::new(attach.sae.to_device(&model.device)?);
+        let named = |h: &Option<String>, cfg: &Option<String>, what: &str| -> Result<String> {
+            h.clone().or_else(|| cfg.clone()).ok_or_else(|| {
+                Error::Input(format!(
+                    "SAE {}: its cfg.json names no `{what}`; give the hookpoint (`--sae DIR=PATH`, `Attach::at`)",
+                    sae.dir.display()
+                ))
+            })
+        };
+        let hook = named(&attach.hook, &sae.hook_name, "hook_name")?;
+        check_size(model, &sae, &hook, sae.d_in, "d_in")?;
+        let first = self.plan.requests().len();
+        let (source, at) = if sae.transcoder {
+            let out = named(&attach.hook_out, &sae.hook_name_out, "hook_name_out")?;
+            check_size(model, &sae, &out, sae.d_out, "d_out")?;
+            let src = self.plan.add(model, &hook, Action::Save)?;
+            self.plan.set_hidden(src)?;
+            (Some(src), out)
+        } else {
+            (None, hook.clone())
+        };
+        let canonical = model.resolve(&hook)?.canonical;
+        let mut a = Attached {
+            hook,
+            canonical,
+            request: 0,
+            source,
+            sae,
+            splice: attach.splice,
+            subs: Vec::new(),
+        };
+        a.request = self.plan.add(model, &at, derive_action(&a))?;
+        self.saes.push(a);
+        self.last = first..self.plan.requests().len();
+        self.last_sae = None;
+        Ok(())
+    }
+
+    /// Sets element `index` of the last axis of the value at `path` to `value`, at every position
+    /// (an SAE feature `H.sae.feature_acts`, an MLP neuron, a residual dimension).
+    pub fn clamp(&mut self, model: &Model, path: &str, index: usize, value: f64) -> Result<()> {
+        self.edit(model, path, move |t| clamp_last(t, index, value))
     }
 
     /// Saves the value at `path`.
     pub fn save(&mut self, model: &Model, path: &str) -> Result<()> {
+        if self.sae_request(model, path, |v| Ok(SaeSubKind::Save(v, path.to_string())))? {
+            return Ok(());
+        }
         self.push(model, path, Action::Save).map(|_| ())
     }
 
     /// Replaces the value at `path` with `value` (same shape; float dtypes are converted).
     pub fn set(&mut self, model: &Model, path: &str, value: Tensor) -> Result<()> {
+        let mut value = Some(value);
+        if self.sae_request(model, path, |v| {
+            writable(path, v)?;
+            Ok(SaeSubKind::Set(value.take().expect("taken once")))
+        })? {
+            return Ok(());
+        }
+        let value = value.ok_or_else(|| Error::Input("internal: value taken".into()))?;
         self.push(model, path, Action::Replace(value)).map(|_| ())
     }
 
@@ -129,8 +449,14 @@ impl Requests {
         path: &str,
         f: impl Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync + 'static,
     ) -> Result<()> {
-        self.push(model, path, Action::Edit(std::sync::Arc::new(f)))
-            .map(|_| ())
+        let f: EditFn = Arc::new(f);
+        if self.sae_request(model, path, |v| {
+            writable(path, v)?;
+            Ok(SaeSubKind::Edit(f.clone()))
+        })? {
+            return Ok(());
+        }
+        self.push(model, path, Action::Edit(f)).map(|_| ())
     }
 
     /// Stops the forward right after `path` has run (and its requests were served).
@@ -218,6 +544,12 @@ impl Requests {
     }
 
     fn last_group(&self, what: &str) -> Result<Range<usize>> {
+        if self.last_sae.is_some() {
+            return Err(Error::Input(format!(
+                "`{what}` does not apply to SAE hookpoints (`H.sae.*`); limit the SAE itself: \
+                 put `{what}` right after attaching it (`.sae(..)?.{what}(..)`)"
+            )));
+        }
         if self.last.is_empty() {
             return Err(Error::Input(format!(
                 "`{what}` applies to the request added just before it, and there is none"
@@ -228,6 +560,25 @@ impl Requests {
 
     /// Limits the last request(s) to `steps`.
     pub fn at_steps(&mut self, steps: Steps) -> Result<()> {
+        if let Some(i) = self.last_sae {
+            if let Steps::Range {
+                start,
+                end: Some(end),
+            } = steps
+            {
+                if end <= start {
+                    return Err(Error::Input(format!(
+                        "steps {start}..{end} is empty: the end must be past the start"
+                    )));
+                }
+            }
+            let a = &mut self.saes[i];
+            if let Some(s) = a.subs.last_mut() {
+                s.steps = steps;
+            }
+            let action = derive_action(a);
+            return self.plan.set_action(a.request, action);
+        }
         for i in self.last_group("steps")? {
             self.plan.set_steps(i, steps)?;
         }
@@ -253,6 +604,62 @@ impl Requests {
     pub fn memory_limit(&mut self, bytes: u64) {
         self.plan.memory_limit = Some(bytes);
     }
+}
+
+/// A new value of an SAE's feature activations, checked against their shape and laid out as the
+/// encoder's output (`like`).
+fn new_features(new: Tensor, shape: &[usize], like: &Tensor) -> candle_core::Result<Tensor> {
+    if new.dims() != shape {
+        candle_core::bail!(
+            "feature activations have shape {shape:?}, the new value has {:?}",
+            new.dims()
+        );
+    }
+    new.to_dtype(DType::F32)?
+        .to_device(like.device())?
+        .reshape(like.dims())
+}
+
+fn writable(path: &str, v: SaeValue) -> Result<()> {
+    if v == SaeValue::FeatureActs {
+        Ok(())
+    } else {
+        Err(Error::Hookpoint {
+            path: path.into(),
+            msg: "only an SAE's `feature_acts` can be written; its reconstruction and error are read-only"
+                .into(),
+            suggestions: vec![],
+        })
+    }
+}
+
+/// Refuses an SAE whose size does not match a residual-sized hookpoint (the check of the other
+/// hookpoints happens when the value is seen).
+fn check_size(model: &Model, sae: &Sae, hook: &str, d: usize, what: &str) -> Result<()> {
+    let hidden = model.hidden_size()?;
+    if crate::standard::is_residual_sized(model, hook) && d != hidden {
+        return Err(Error::Input(format!(
+            "SAE {}: {what} is {d}, but `{hook}` has size {hidden} (the model's hidden size); \
+             is it an SAE for another model or hookpoint?",
+            sae.dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// `t` with element `index` of its last axis set to `value` everywhere.
+pub fn clamp_last(t: &Tensor, index: usize, value: f64) -> candle_core::Result<Tensor> {
+    let n = t.dim(candle_core::D::Minus1)?;
+    if index >= n {
+        candle_core::bail!("index {index} is past the end of the last axis (size {n})");
+    }
+    let mut keep = vec![1f32; n];
+    keep[index] = 0.0;
+    let mut put = vec![0f32; n];
+    put[index] = value as f32;
+    let keep = Tensor::from_vec(keep, n, t.device())?.to_dtype(t.dtype())?;
+    let put = Tensor::from_vec(put, n, t.device())?.to_dtype(t.dtype())?;
+    t.broadcast_mul(&keep)?.broadcast_add(&put)
 }
 
 /// The chaining request methods of a builder with fields `model` (anything that dereferences to
@@ -283,6 +690,21 @@ macro_rules! request_methods {
                 + 'static,
         ) -> $crate::Result<Self> {
             self.requests.edit(&self.model, path, f)?;
+            Ok(self)
+        }
+
+        /// Attaches a sparse autoencoder or transcoder: an [`Sae`](crate::Sae) (at the hook its
+        /// cfg.json names) or an [`Attach`](crate::Attach) (another hook, splicing). Adds the
+        /// hookpoints `H.sae.feature_acts` (writable), `H.sae.reconstruction`, `H.sae.error`.
+        pub fn sae(mut self, attach: impl Into<$crate::Attach>) -> $crate::Result<Self> {
+            self.requests.sae(&self.model, attach)?;
+            Ok(self)
+        }
+
+        /// Sets element `index` of the last axis of the value at `path` to `value` at every
+        /// position (an SAE feature, an MLP neuron, a residual dimension).
+        pub fn clamp(mut self, path: &str, index: usize, value: f64) -> $crate::Result<Self> {
+            self.requests.clamp(&self.model, path, index, value)?;
             Ok(self)
         }
 

@@ -7,6 +7,7 @@
 //! | --- | --- |
 //! | `embed_tokens`, `layers.L`, `attentions.L`, `mlps.L`, `ln_final`, `lm_head` | modules |
 //! | `layers_input.L`, `layers_output.L` | input / output of decoder layer L |
+//! | `layers_mid.L` | the residual between attention and MLP ([`MID_RESIDUAL`]) |
 //! | `attentions_input.L`, `attentions_output.L`, `mlps_input.L`, `mlps_output.L` | likewise |
 //! | `token_embeddings` | output of `embed_tokens` |
 //! | `attention_probabilities.L` | the architecture's registered attention-probability hookpoint |
@@ -26,6 +27,7 @@ pub const STANDARD_NAMES: &[&str] = &[
     "lm_head",
     "layers_input",
     "layers_output",
+    "layers_mid",
     "attentions_input",
     "attentions_output",
     "mlps_input",
@@ -42,12 +44,149 @@ pub const LAYER_NAMES: &[&str] = &[
     "mlps",
     "layers_input",
     "layers_output",
+    "layers_mid",
     "attentions_input",
     "attentions_output",
     "mlps_input",
     "mlps_output",
     "attention_probabilities",
 ];
+
+/// TransformerLens hook names (`blocks.L.<hook>`, and `hook_embed`) and the standard names they
+/// stand for. `heads`, `queries`, `keys`, `values` are the per-head standard names.
+pub const TRANSFORMER_LENS: &[(&str, &str)] = &[
+    ("hook_resid_pre", "layers_input"),
+    ("hook_resid_mid", "layers_mid"),
+    ("hook_resid_post", "layers_output"),
+    ("hook_attn_out", "attentions_output"),
+    ("hook_mlp_in", "mlps_input"),
+    ("ln2.hook_normalized", "mlps_input"),
+    ("hook_mlp_out", "mlps_output"),
+    ("attn.hook_z", "heads"),
+    ("attn.hook_q", "queries"),
+    ("attn.hook_k", "keys"),
+    ("attn.hook_v", "values"),
+    ("attn.hook_pattern", "attention_probabilities"),
+];
+
+/// The standard name a TransformerLens hook name stands for (`blocks.3.hook_resid_post` ->
+/// `layers_output.3`, `hook_embed` -> `token_embeddings`); `None` for other paths.
+pub fn transformer_lens(path: &str) -> Option<String> {
+    if path == "hook_embed" {
+        return Some("token_embeddings".into());
+    }
+    let rest = path.strip_prefix("blocks.")?;
+    let (layer, hook) = rest.split_once('.')?;
+    let (_, standard) = TRANSFORMER_LENS.iter().find(|(tl, _)| *tl == hook)?;
+    Some(format!("{standard}.{layer}"))
+}
+
+/// Where the residual between attention and MLP (`layers_mid.L`, TransformerLens'
+/// `hook_resid_mid`) is read: one row of [`MID_RESIDUAL`].
+#[derive(Debug)]
+pub struct MidResidual {
+    /// config.json's `model_type`.
+    pub model_type: &'static str,
+    /// The row applies when this boolean config key has this value (key, value, default when the
+    /// key is absent); `None`: always.
+    pub when: Option<(&'static str, bool, bool)>,
+    /// Path relative to the layer; `None`: attention and MLP read the same input (a parallel
+    /// residual), so there is no residual between them.
+    pub at: Option<&'static str>,
+}
+
+const fn mid(model_type: &'static str, at: &'static str) -> MidResidual {
+    MidResidual {
+        model_type,
+        when: None,
+        at: Some(at),
+    }
+}
+
+/// Per architecture, the first row whose `model_type` and condition match. Where it is the input
+/// of the norm before the MLP, a write reaches the MLP but not the residual the MLP's output is
+/// added to; where it is a value the layer carries on (Bloom's attention output, DBRX's
+/// `norm_attn_norm.output.0`, post-norm OPT's `self_attn_layer_norm.output`), a write reaches
+/// both.
+pub const MID_RESIDUAL: &[MidResidual] = &[
+    mid("gpt2", "ln_2.input"),
+    mid("gpt_neo", "ln_2.input"),
+    mid("gpt_bigcode", "ln_2.input"),
+    mid("llama", "post_attention_layernorm.input"),
+    mid("mistral", "post_attention_layernorm.input"),
+    mid("qwen2", "post_attention_layernorm.input"),
+    mid("qwen3", "post_attention_layernorm.input"),
+    mid("qwen2_moe", "post_attention_layernorm.input"),
+    mid("gpt_oss", "post_attention_layernorm.input"),
+    mid("starcoder2", "post_attention_layernorm.input"),
+    mid("gemma", "post_attention_layernorm.input"),
+    mid("olmo", "post_attention_layernorm.input"),
+    mid("gemma2", "pre_feedforward_layernorm.input"),
+    mid("gemma3_text", "pre_feedforward_layernorm.input"),
+    mid("olmo2", "mlp.input"),
+    mid("phi3", "post_attention_layernorm.input"),
+    mid("mixtral", "post_attention_layernorm.input"),
+    mid("qwen3_moe", "post_attention_layernorm.input"),
+    MidResidual {
+        model_type: "phi",
+        when: None,
+        at: None,
+    },
+    MidResidual {
+        model_type: "falcon",
+        when: Some(("new_decoder_architecture", true, false)),
+        at: None,
+    },
+    MidResidual {
+        model_type: "falcon",
+        when: Some(("parallel_attn", true, true)),
+        at: None,
+    },
+    mid("falcon", "post_attention_layernorm.input"),
+    MidResidual {
+        model_type: "stablelm",
+        when: Some(("use_parallel_residual", true, false)),
+        at: None,
+    },
+    mid("stablelm", "post_attention_layernorm.input"),
+    MidResidual {
+        model_type: "gpt_neox",
+        when: Some(("use_parallel_residual", true, true)),
+        at: None,
+    },
+    mid("gpt_neox", "post_attention_layernorm.input"),
+    MidResidual {
+        model_type: "opt",
+        when: Some(("do_layer_norm_before", false, true)),
+        at: Some("self_attn_layer_norm.output"),
+    },
+    mid("opt", "final_layer_norm.input"),
+    mid("bloom", "self_attention.output"),
+    mid("dbrx", "norm_attn_norm.output.0"),
+    MidResidual {
+        model_type: "gptj",
+        when: None,
+        at: None,
+    },
+];
+
+/// Whether `path` names a value of the residual stream's size (hidden): `layers_input`,
+/// `layers_output`, `layers_mid`, `attentions_output`, `mlps_input`, `mlps_output`,
+/// `token_embeddings`, or their TransformerLens names.
+pub fn is_residual_sized(_model: &Model, path: &str) -> bool {
+    let p = transformer_lens(path).unwrap_or_else(|| path.to_string());
+    let head = p.split('.').next().unwrap_or("");
+    matches!(
+        head,
+        "layers_input"
+            | "layers_output"
+            | "layers_mid"
+            | "attentions_output"
+            | "mlps_input"
+            | "mlps_output"
+            | "token_embeddings"
+    )
+}
 
 /// One renaming rule: the standard name and the Hugging Face attribute names that map to it.
 #[derive(Debug)]
@@ -274,6 +413,28 @@ impl StandardNames {
 
 /// Expands a standard name into a Hugging Face path; other paths are returned unchanged.
 pub fn expand(model: &Model, path: &str) -> Result<String> {
+    if let Some(standard) = transformer_lens(path) {
+        let head = standard.split('.').next().unwrap_or("");
+        if !STANDARD_NAMES.contains(&head) {
+            return Err(Error::Hookpoint {
+                path: path.into(),
+                msg: format!(
+                    "the TransformerLens name of `{standard}`, a standard name this build does not have"
+                ),
+                suggestions: vec![],
+            });
+        }
+        return expand(model, &standard).map_err(|e| match e {
+            Error::Hookpoint {
+                msg, suggestions, ..
+            } => Error::Hookpoint {
+                path: path.into(),
+                msg: format!("(TransformerLens name of `{standard}`) {msg}"),
+                suggestions,
+            },
+            other => other,
+        });
+    }
     let n = &model.names;
     let mut parts = path.splitn(2, '.');
     let head = parts.next().unwrap_or("");
@@ -398,6 +559,47 @@ pub fn expand(model: &Model, path: &str) -> Result<String> {
         "attentions_output" => value(attn, "output"),
         "mlps_input" => value(mlp_in, "input"),
         "mlps_output" => value(mlp_out, "output"),
+        "layers_mid" => {
+            let mt = model.arch.model_type;
+            let mut row = None;
+            for r in MID_RESIDUAL.iter().filter(|r| r.model_type == mt) {
+                let applies = match r.when {
+                    None => true,
+                    Some((key, value, default)) => model.config.bool_or(key, default)? == value,
+                };
+                if applies {
+                    row = Some(r);
+                    break;
+                }
+            }
+            let Some(row) = row else {
+                return Err(Error::Hookpoint {
+                    path: path.into(),
+                    msg: format!(
+                        "no mid-layer residual is registered for `{mt}` (standard::MID_RESIDUAL)"
+                    ),
+                    suggestions: vec![],
+                });
+            };
+            let Some(rel) = row.at else {
+                return Err(Error::Hookpoint {
+                    path: path.into(),
+                    msg: format!(
+                        "`{mt}` has a parallel residual here: attention and MLP read the same input, \
+                         so there is no residual between them"
+                    ),
+                    suggestions: vec![format!("layers_input.{idx}"), format!("layers_output.{idx}")],
+                });
+            };
+            if tail.is_some() {
+                return Err(Error::Hookpoint {
+                    path: path.into(),
+                    msg: format!("`layers_mid.{idx}` is a value; nothing can follow it"),
+                    suggestions: vec![format!("layers_mid.{idx}")],
+                });
+            }
+            Ok(format!("{layer}.{rel}"))
+        }
         "attention_probabilities" => {
             if tail.is_some() {
                 return Err(Error::Hookpoint {

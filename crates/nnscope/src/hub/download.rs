@@ -373,56 +373,10 @@ pub fn download(repo: &str, opts: &HubOptions) -> Result<PathBuf> {
                 .into(),
         )
     })?;
-    let agent = ureq::AgentBuilder::new()
-        .redirects(0)
-        .timeout_connect(Duration::from_secs(15))
-        .timeout_read(Duration::from_secs(60))
-        .build();
-    let ctx = Ctx { repo, opts, agent };
+    let ctx = Ctx::new(repo, opts);
     let revision = opts.revision.as_deref().unwrap_or("main");
-    if !safe_name(revision) {
-        return Err(ctx.err(
-            K::RevisionNotFound,
-            format!("`{revision}` is not a usable revision name"),
-        ));
-    }
     let repo_dir = cache.join(repo_folder(repo));
-
-    // Which commit, and which files.
-    let info_url = format!(
-        "{}/api/models/{repo}/revision/{}",
-        opts.endpoint,
-        encode(revision, false)
-    );
-    let (_, r) = ctx.request("GET", &info_url, None, true)?;
-    let mut body = String::new();
-    r.into_reader()
-        .take(64 << 20)
-        .read_to_string(&mut body)
-        .map_err(|e| ctx.network(&info_url, e))?;
-    let info: serde_json::Value = serde_json::from_str(&body)
-        .map_err(|e| ctx.err(K::Protocol, format!("{info_url} did not answer JSON ({e})")))?;
-    let commit = info
-        .get("sha")
-        .and_then(|s| s.as_str())
-        .filter(|s| is_commit(s))
-        .ok_or_else(|| {
-            ctx.err(
-                K::Protocol,
-                format!("{info_url}: the answer has no commit hash (`sha`)"),
-            )
-        })?
-        .to_string();
-    let siblings: Vec<String> = info
-        .get("siblings")
-        .and_then(|s| s.as_array())
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.get("rfilename").and_then(|f| f.as_str()))
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default();
+    let (commit, siblings) = repo_info(&ctx, revision)?;
     let has = |f: &str| siblings.iter().any(|s| s == f);
     if !has("config.json") {
         return Err(ctx.err(
@@ -498,6 +452,131 @@ pub fn download(repo: &str, opts: &HubOptions) -> Result<PathBuf> {
         std::fs::write(&ref_path, &commit).map_err(|e| ctx.cache_err(&ref_path, e))?;
     }
     Ok(snap)
+}
+
+impl<'a> Ctx<'a> {
+    fn new(repo: &'a str, opts: &'a HubOptions) -> Self {
+        let agent = ureq::AgentBuilder::new()
+            .redirects(0)
+            .timeout_connect(Duration::from_secs(15))
+            .timeout_read(Duration::from_secs(60))
+            .build();
+        Ctx { repo, opts, agent }
+    }
+}
+
+/// The commit a revision names and the files of the repository at it.
+fn repo_info(ctx: &Ctx, revision: &str) -> Result<(String, Vec<String>)> {
+    let opts = ctx.opts;
+    let repo = ctx.repo;
+    if !safe_name(revision) {
+        return Err(ctx.err(
+            K::RevisionNotFound,
+            format!("`{revision}` is not a usable revision name"),
+        ));
+    }
+
+    // Which commit, and which files.
+    let info_url = format!(
+        "{}/api/models/{repo}/revision/{}",
+        opts.endpoint,
+        encode(revision, false)
+    );
+    let (_, r) = ctx.request("GET", &info_url, None, true)?;
+    let mut body = String::new();
+    r.into_reader()
+        .take(64 << 20)
+        .read_to_string(&mut body)
+        .map_err(|e| ctx.network(&info_url, e))?;
+    let info: serde_json::Value = serde_json::from_str(&body)
+        .map_err(|e| ctx.err(K::Protocol, format!("{info_url} did not answer JSON ({e})")))?;
+    let commit = info
+        .get("sha")
+        .and_then(|s| s.as_str())
+        .filter(|s| is_commit(s))
+        .ok_or_else(|| {
+            ctx.err(
+                K::Protocol,
+                format!("{info_url}: the answer has no commit hash (`sha`)"),
+            )
+        })?
+        .to_string();
+    let siblings: Vec<String> = info
+        .get("siblings")
+        .and_then(|s| s.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.get("rfilename").and_then(|f| f.as_str()))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok((commit, siblings))
+}
+
+/// Downloads the files `files` (paths inside the repository) of model repository `repo` at
+/// `opts.revision` into the first cache folder, unless a cached snapshot of that revision already
+/// has them, and returns the snapshot folder. For repositories that are not transformers models
+/// (SAELens releases: `folder/cfg.json`, `folder/sae_weights.safetensors`).
+pub fn download_files(repo: &str, files: &[String], opts: &HubOptions) -> Result<PathBuf> {
+    let hub_err = |kind, msg: String| Error::Hub {
+        repo: repo.to_string(),
+        kind,
+        msg,
+    };
+    if !looks_like_id(repo) {
+        return Err(hub_err(
+            K::RepoNotFound,
+            "not a repository id (`owner/name`)".into(),
+        ));
+    }
+    for dir in &opts.cache_dirs {
+        let repo_dir = dir.join(repo_folder(repo));
+        if let Some(snap) = super::cached_snapshot(&repo_dir, opts.revision.as_deref()) {
+            if files.iter().all(|f| snap.join(f).is_file()) {
+                return Ok(snap);
+            }
+        }
+    }
+    if opts.offline {
+        return Err(hub_err(
+            K::Network,
+            format!(
+                "{} not in the local Hugging Face cache, and HF_HUB_OFFLINE is set",
+                files.join(", ")
+            ),
+        ));
+    }
+    let cache = opts.cache_dirs.first().ok_or_else(|| {
+        hub_err(
+            K::Cache,
+            "no Hugging Face cache folder is known (HF_HUB_CACHE, HF_HOME and HOME are unset)"
+                .into(),
+        )
+    })?;
+    let ctx = Ctx::new(repo, opts);
+    let revision = opts.revision.as_deref().unwrap_or("main");
+    let repo_dir = cache.join(repo_folder(repo));
+    let (commit, siblings) = repo_info(&ctx, revision)?;
+    for f in files {
+        if !siblings.iter().any(|s| s == f) {
+            return Err(ctx.err(
+                K::EntryNotFound,
+                format!("revision `{revision}` has no file `{f}`"),
+            ));
+        }
+    }
+    for f in files {
+        fetch_file(&ctx, &repo_dir, &commit, f)?;
+    }
+    if revision != commit {
+        let ref_path = repo_dir.join("refs").join(revision);
+        if let Some(parent) = ref_path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| ctx.cache_err(parent, e))?;
+        }
+        std::fs::write(&ref_path, &commit).map_err(|e| ctx.cache_err(&ref_path, e))?;
+    }
+    Ok(repo_dir.join("snapshots").join(commit))
 }
 
 /// What `HEAD .../resolve/...` says about a file.

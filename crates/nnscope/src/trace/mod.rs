@@ -19,7 +19,7 @@ mod value;
 pub use listing::listing;
 pub use nnscope_macros::hooked;
 pub use path::{HookPath, Terminal};
-pub use plan::{Action, EditFn, Plan, Request, StepOutput, Steps};
+pub use plan::{Action, DeriveFn, EditFn, Plan, Request, StepOutput, Steps};
 pub use requests::Kind;
 pub use rt::{FnInfo, HookedForward, Scope};
 pub use structure::Structure;

@@ -13,6 +13,16 @@ use std::sync::Arc;
 /// An edit: a function from the value at a hookpoint to its new value (same shape).
 pub type EditFn = Arc<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
 
+/// A derivation: from the value at a hookpoint (and, when the request names a source, the value last
+/// saved by that request in this forward) and the forward step, to its new value, reporting side
+/// values into the slots of `outputs` (one per declared output name; a slot left `None` reports
+/// nothing this time).
+pub type DeriveFn = Arc<
+    dyn Fn(&Tensor, Option<&Tensor>, usize, &mut [Option<Tensor>]) -> candle_core::Result<Tensor>
+        + Send
+        + Sync,
+>;
+
 /// What a request does at its hookpoint.
 #[derive(Clone)]
 pub enum Action {
@@ -27,6 +37,18 @@ pub enum Action {
     CopyFrom(usize),
     /// Stop the forward right after this hookpoint (its earlier requests served).
     Stop,
+    /// Replace the value with `f(value, source)` and keep the side values `f` reports, returned as
+    /// saves under the names in `outputs`. `source` is the index of an earlier save of the plan
+    /// whose last value (in this forward) `f` receives. How computations above the core (a sparse
+    /// autoencoder spliced at a hookpoint) expose values of their own.
+    Derive {
+        /// The derivation.
+        f: DeriveFn,
+        /// An earlier save whose value `f` reads.
+        source: Option<usize>,
+        /// Names under which the side values are returned.
+        outputs: Vec<String>,
+    },
 }
 
 impl std::fmt::Debug for Action {
@@ -37,6 +59,9 @@ impl std::fmt::Debug for Action {
             Action::Edit(_) => write!(f, "Edit(..)"),
             Action::CopyFrom(i) => write!(f, "CopyFrom({i})"),
             Action::Stop => write!(f, "Stop"),
+            Action::Derive {
+                source, outputs, ..
+            } => write!(f, "Derive(source {source:?}, outputs {outputs:?})"),
         }
     }
 }
@@ -46,7 +71,7 @@ impl Action {
     pub fn writes(&self) -> bool {
         matches!(
             self,
-            Action::Replace(_) | Action::Edit(_) | Action::CopyFrom(_)
+            Action::Replace(_) | Action::Edit(_) | Action::CopyFrom(_) | Action::Derive { .. }
         )
     }
 }
@@ -174,7 +199,14 @@ impl Plan {
                 return Err(err(path, msg.clone()));
             }
         }
-        if let Action::CopyFrom(src) = action {
+        let src = match &action {
+            Action::CopyFrom(src) => Some(*src),
+            Action::Derive {
+                source: Some(src), ..
+            } => Some(*src),
+            _ => None,
+        };
+        if let Some(src) = src {
             if !matches!(
                 self.requests.get(src).map(|r| &r.action),
                 Some(Action::Save)
@@ -227,6 +259,18 @@ impl Plan {
             ));
         }
         r.rows = Some(rows.to_vec());
+        Ok(())
+    }
+
+    /// Replaces the action of request `i` (same checks as [`Plan::add`]).
+    pub fn set_action(&mut self, i: usize, action: Action) -> Result<()> {
+        let r = self.request_mut(i)?;
+        if action.writes() {
+            if let Some(msg) = r.path.read_only.as_ref() {
+                return Err(err(&r.name, msg.clone()));
+            }
+        }
+        r.action = action;
         Ok(())
     }
 
@@ -322,6 +366,7 @@ impl Plan {
         }
         let mut ctx = Ctx::new(self.n_modules, false, &self.requests);
         ctx.check_finite = self.check_finite;
+        ctx.step = step;
         for &i in &active {
             let hp = &self.requests[i].path;
             let mut node = ctx.module_node(hp.module.id);
@@ -345,6 +390,7 @@ impl Plan {
         let stopped = output.is_none();
         let hits = ctx.hits.into_inner();
         let mut values = ctx.saved.into_inner();
+        let mut derived = ctx.derived.into_inner();
         let mut saved = Vec::new();
         for &i in &active {
             let r = &self.requests[i];
@@ -356,6 +402,16 @@ impl Plan {
             }
             if matches!(r.action, Action::Save) && !r.hidden {
                 saved.push((r.name.clone(), std::mem::take(&mut values[i])));
+            }
+            if let Action::Derive { outputs, .. } = &r.action {
+                let mut slots = std::mem::take(&mut derived[i]);
+                slots.resize(outputs.len(), Vec::new());
+                // A side value not reported at this step (limited to other steps) is not listed.
+                for (name, vals) in outputs.iter().zip(slots) {
+                    if !vals.is_empty() {
+                        saved.push((name.clone(), vals));
+                    }
+                }
             }
         }
         Ok(StepOutput { output, saved })

@@ -45,8 +45,12 @@ pub(crate) struct Ctx<'a> {
     pub reqs: &'a [Request],
     pub recording: bool,
     pub check_finite: bool,
+    /// The forward step being served (for `Derive`).
+    pub step: usize,
     /// Values saved by each request, indexed as `reqs`.
     pub saved: RefCell<Vec<Vec<Tensor>>>,
+    /// Side values reported by `Derive` requests: per request, per output slot.
+    pub derived: RefCell<Vec<Vec<Vec<Tensor>>>>,
     pub hits: RefCell<Vec<u32>>,
     pub interrupt: RefCell<Option<Interrupt>>,
     stopped: Cell<bool>,
@@ -61,7 +65,9 @@ impl<'a> Ctx<'a> {
             reqs,
             recording,
             check_finite: false,
+            step: 0,
             saved: RefCell::new(vec![Vec::new(); reqs.len()]),
+            derived: RefCell::new(vec![Vec::new(); reqs.len()]),
             hits: RefCell::new(vec![0; reqs.len()]),
             interrupt: RefCell::new(None),
             stopped: Cell::new(false),
@@ -272,6 +278,43 @@ impl<'a> Ctx<'a> {
                         }));
                     };
                     part(&seen)?
+                }
+                Action::Derive { f, source, outputs } => {
+                    let src = match source {
+                        None => None,
+                        Some(s) => {
+                            let seen = self.saved.borrow().get(*s).and_then(|v| v.last().cloned());
+                            let Some(seen) = seen else {
+                                return Err(self.fail(crate::Error::Hookpoint {
+                                    path: req.name.clone(),
+                                    msg: format!(
+                                        "reads the value of `{}`, which has not run before it in this forward",
+                                        self.reqs.get(*s).map(|r| r.name.as_str()).unwrap_or("?")
+                                    ),
+                                    suggestions: vec![],
+                                }));
+                            };
+                            Some(part(&seen)?)
+                        }
+                    };
+                    let mut outs: Vec<Option<Tensor>> = vec![None; outputs.len()];
+                    let new = f(&part(&cur)?, src.as_ref(), self.step, &mut outs).map_err(|e| {
+                        self.fail(crate::Error::Edit {
+                            path: req.name.clone(),
+                            msg: e.to_string(),
+                        })
+                    })?;
+                    let mut derived = self.derived.borrow_mut();
+                    let slots = &mut derived[ri];
+                    if slots.len() < outputs.len() {
+                        slots.resize(outputs.len(), Vec::new());
+                    }
+                    for (k, o) in outs.into_iter().enumerate() {
+                        if let Some(t) = o {
+                            slots[k].push(t);
+                        }
+                    }
+                    new
                 }
                 Action::Stop => {
                     self.stopped.set(true);
