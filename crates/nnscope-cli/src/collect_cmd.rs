@@ -1,7 +1,7 @@
 //! `nnscope collect`: activations over a corpus, into resumable safetensors shards; `--merge` joins
 //! the folders of a run split with `--shard I/N`.
 
-use crate::{err, expand_stars, load_dir, locate, parse_dtype, progress, ModelArgs};
+use crate::{err, load_dir, locate, parse_dtype, progress, ModelArgs};
 use clap::Args;
 use nnscope::collect::{self, CollectOptions, Corpus, Positions, Shard};
 use std::path::PathBuf;
@@ -125,11 +125,11 @@ pub fn collect(args: CollectArgs) -> Result<(), String> {
     };
     let dir = locate(&model_args)?;
     let m = load_dir(&model_args, &dir, dtype)?;
-    let saves: Vec<String> = args
-        .saves
-        .iter()
-        .flat_map(|s| expand_stars(s, m.num_layers()))
-        .collect();
+    // `layers_output.*` per layer, and hookpoint patterns (`*`, `**`).
+    let mut saves: Vec<String> = Vec::new();
+    for s in &args.saves {
+        saves.extend(m.expand_pattern(s).map_err(err)?);
+    }
     // A folder is recorded by its absolute path, so a resume from elsewhere names the same model.
     let model_id = if std::path::Path::new(&model_name).is_dir() {
         std::fs::canonicalize(&model_name)

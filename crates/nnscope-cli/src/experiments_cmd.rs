@@ -258,11 +258,11 @@ pub struct GradArgs {
 /// Runs `nnscope grad`.
 pub fn grad_cmd(a: GradArgs) -> Result<(), String> {
     let m = prepare(&a.model, &a.dtype, Some(&a.out))?;
-    let names: Vec<String> = a
-        .wrt
-        .iter()
-        .flat_map(|s| crate::expand_stars(s, m.num_layers()))
-        .collect();
+    // `layers_output.*` per layer, and hookpoint patterns (`*`, `**`).
+    let mut names: Vec<String> = Vec::new();
+    for s in &a.wrt {
+        names.extend(m.expand_pattern(s).map_err(err)?);
+    }
     let wrt: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
     let ans = nnscope::experiments::first_token(&m, &a.answer).map_err(err)?;
     let wrong = match &a.wrong {

@@ -1,8 +1,8 @@
 //! `nnscope generate`: generation with the key/value cache, with saves at every step.
 
 use crate::{
-    candle_err, check_out, err, expand_stars, load_dir, locate, parse_dtype, read_inputs,
-    warn_non_finite_value, write_atomic, ModelArgs,
+    candle_err, check_out, err, load_dir, locate, parse_dtype, read_inputs, warn_non_finite_value,
+    write_atomic, ModelArgs,
 };
 use candle_core::DType;
 use clap::Args;
@@ -41,7 +41,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     ignore_eos: bool,
     /// A standard name or hookpoint path to save at every step, as NAME@STEP; `*` in place of a
-    /// layer index means every layer.
+    /// layer index means every layer; hookpoint patterns take `*` (one segment) and `**` (any).
     #[arg(long = "save")]
     saves: Vec<String>,
     /// Save only at steps A..B (A:B, end excluded; A: for every step from A). Step 0 is the
@@ -109,13 +109,9 @@ pub fn generate(args: GenerateArgs) -> Result<(), String> {
         hub::check_output_path(out, &dir).map_err(err)?;
     }
     let m = load_dir(&args.model, &dir, dtype)?;
-    let names: Vec<String> = args
-        .saves
-        .iter()
-        .flat_map(|s| expand_stars(s, m.num_layers()))
-        .collect();
     let mut gen = crate::sae_args::apply_sae_args!(m.generate(input).options(opts), args.sae);
-    for n in &names {
+    // Patterns (`layers_output.*`, `model.layers.*.self_attn.**`) expand in the library.
+    for n in &args.saves {
         gen = gen.save(n).map_err(err)?;
         if let Some((a, b)) = steps {
             gen = match b {

@@ -16,6 +16,7 @@ mod generate_cmd;
 mod lens_cmd;
 mod patch_cmd;
 mod sae_args;
+mod view_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -54,11 +55,19 @@ enum Cmd {
         /// A safetensors file with `input_ids` (I64 [B, T]) and optionally `attention_mask`.
         #[arg(long)]
         inputs: Option<PathBuf>,
-        /// A standard name (`layers_output.3`, `attention_probabilities.-1`, `logits`) or hookpoint
-        /// path to save; `*` in place of a layer index means every layer, negative indices count
-        /// from the last layer.
+        /// A standard name (`layers_output.3`, `attention_probabilities.-1`, `heads.0`, `logits`)
+        /// or hookpoint path to save; `*` in place of a layer index means every layer, negative
+        /// indices count from the last layer. Hookpoint patterns: `*` is one path segment, `**`
+        /// any number (`model.layers.*.self_attn.**`).
         #[arg(long = "save")]
         saves: Vec<String>,
+        /// Save every module's output (as TransformerLens's run_with_cache); the memory estimate
+        /// is checked before the run.
+        #[arg(long)]
+        save_all: bool,
+        /// Keep only these rows of the batch in every --save (comma-separated, e.g. 0,2).
+        #[arg(long, value_delimiter = ',')]
+        rows: Option<Vec<usize>>,
         /// Output safetensors file (tensors written as float32 under the names as given).
         #[arg(long)]
         out: PathBuf,
@@ -85,6 +94,8 @@ enum Cmd {
     /// Save activations over a corpus (plain text or JSON Lines) into resumable safetensors
     /// shards; `--shard I/N` and `--merge` split a corpus over machines.
     Collect(collect_cmd::CollectArgs),
+    /// Pictures of a prompt's attention: a self-contained HTML page, a PNG of one layer's heads.
+    View(view_cmd::ViewArgs),
     /// Check the model's attention-probability hookpoint: it resolves, has the expected shape,
     /// its rows sum to 1, and changing it changes the output.
     Check {
@@ -214,28 +225,6 @@ fn load(model: &ModelArgs, dtype: DType) -> Result<Model, String> {
     load_dir(model, &dir, dtype)
 }
 
-/// `layers_output.*` -> `layers_output.0`, `layers_output.1`, ...
-fn expand_stars(name: &str, num_layers: usize) -> Vec<String> {
-    if name.split('.').any(|p| p == "*") {
-        (0..num_layers)
-            .map(|i| {
-                name.split('.')
-                    .map(|p| {
-                        if p == "*" {
-                            i.to_string()
-                        } else {
-                            p.to_string()
-                        }
-                    })
-                    .collect::<Vec<_>>()
-                    .join(".")
-            })
-            .collect()
-    } else {
-        vec![name.to_string()]
-    }
-}
-
 fn read_inputs(path: &Path) -> Result<Input, String> {
     let tensors = candle_core::safetensors::load(path, &Device::Cpu)
         .map_err(|e| format!("{}: {}", path.display(), candle_err(e)))?;
@@ -361,6 +350,12 @@ fn warn_non_finite_value(name: &str, t: &Tensor) -> Result<(), String> {
     Ok(())
 }
 
+/// Options of `run` beyond its inputs and outputs.
+struct RunOpts {
+    save_all: bool,
+    rows: Option<Vec<usize>>,
+}
+
 fn run(
     model: &ModelArgs,
     prompts: Vec<String>,
@@ -369,6 +364,7 @@ fn run(
     out: PathBuf,
     dtype: &str,
     sae: &sae_args::SaeArgs,
+    opts: RunOpts,
 ) -> Result<(), String> {
     let dtype = parse_dtype(dtype)?;
     // Check where the result goes before loading and running, which can take minutes.
@@ -378,9 +374,9 @@ fn run(
         (None, false) => Input::Prompts(prompts),
         (None, true) => return Err("give --prompt TEXT or --inputs IDS.safetensors".into()),
     };
-    if saves.is_empty() {
+    if saves.is_empty() && !opts.save_all {
         return Err(
-            "give at least one --save NAME (a standard name such as `logits`, or a hookpoint path)"
+            "give at least one --save NAME (a standard name such as `logits`, or a hookpoint path), or --save-all"
                 .into(),
         );
     }
@@ -388,38 +384,57 @@ fn run(
     // Never write over a file the model is loaded from.
     hub::check_output_path(&out, &dir).map_err(err)?;
     let m = load_dir(model, &dir, dtype)?;
-    let names: Vec<String> = saves
-        .iter()
-        .flat_map(|s| expand_stars(s, m.num_layers()))
-        .collect();
     let mut trace = sae_args::apply_sae_args!(m.trace(input), sae);
-    let mut derived = Vec::new();
-    for n in &names {
+    let mut derived = false;
+    if opts.save_all {
+        trace = trace.save_all().map_err(err)?;
+    }
+    for n in &saves {
         if n == "next_token_probs" {
-            derived.push(n.clone());
+            derived = true;
             continue;
         }
+        // Standard names with `*` as the layer, and hookpoint patterns (`*`, `**`), expand in
+        // the library.
         trace = trace.save(n).map_err(err)?;
+        if let Some(rows) = &opts.rows {
+            trace = trace.rows(rows).map_err(err)?;
+        }
     }
     let res = trace.run().map_err(err)?;
     let mut tensors = HashMap::new();
     let mut order = Vec::new();
-    for n in &names {
-        if tensors.contains_key(n) {
-            continue;
+    let mut put = |n: String, t: &Tensor| -> Result<(), String> {
+        if tensors.contains_key(&n) {
+            return Ok(());
         }
-        let t = if derived.contains(n) {
-            res.next_token_probs().map_err(err)?
-        } else {
-            res.get(n).map_err(err)?.clone()
-        };
         let t = t
             .to_dtype(DType::F32)
             .and_then(|t| t.contiguous())
             .map_err(candle_err)?;
-        warn_non_finite_value(n, &t)?;
+        warn_non_finite_value(&n, &t)?;
         order.push(n.clone());
-        tensors.insert(n.clone(), t);
+        tensors.insert(n, t);
+        Ok(())
+    };
+    for (n, values) in &res.saved {
+        // A hookpoint that fired more than once (in a loop) also writes NAME#1, NAME#2, ...
+        for (i, t) in values.iter().enumerate() {
+            put(
+                if i == 0 {
+                    n.clone()
+                } else {
+                    format!("{n}#{i}")
+                },
+                t,
+            )?;
+        }
+    }
+    if derived {
+        put(
+            "next_token_probs".into(),
+            &res.next_token_probs().map_err(err)?,
+        )?;
     }
     write_atomic(&tensors, &out)?;
     for n in &order {
@@ -528,10 +543,21 @@ fn main() -> ExitCode {
             prompts,
             inputs,
             saves,
+            save_all,
+            rows,
             out,
             dtype,
             sae,
-        } => run(&model, prompts, inputs, saves, out, &dtype, &sae),
+        } => run(
+            &model,
+            prompts,
+            inputs,
+            saves,
+            out,
+            &dtype,
+            &sae,
+            RunOpts { save_all, rows },
+        ),
         Cmd::Generate(args) => generate_cmd::generate(args),
         Cmd::Lens(args) => lens_cmd::lens_cmd(args).map(|_| ()),
         Cmd::Patch(args) => patch_cmd::patch_cmd(args).map(|_| ()),
@@ -540,6 +566,7 @@ fn main() -> ExitCode {
         Cmd::Prompts(args) => experiments_cmd::prompts_cmd(args),
         Cmd::Grad(args) => experiments_cmd::grad_cmd(args),
         Cmd::Collect(args) => collect_cmd::collect(args),
+        Cmd::View(args) => view_cmd::view(args),
         Cmd::Completions { shell } => {
             clap_complete::generate(
                 shell,

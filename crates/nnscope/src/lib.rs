@@ -38,6 +38,7 @@ pub mod sae;
 mod session;
 pub mod standard;
 pub mod trace;
+pub mod viewer;
 
 pub use alloc::keep_freed_memory;
 pub use error::{nearest, strip_backtrace, Error, HubErrorKind, Result};

@@ -640,6 +640,11 @@ impl Target for Model {
         crate::standard::expand(self, path)
     }
 
+    /// `heads.L` is a view of the output projection's input ([`crate::standard::value_view`]).
+    fn value_view(&self, path: &str) -> Result<Option<crate::trace::View>> {
+        crate::standard::value_view(self, path)
+    }
+
     fn extra_names(&self) -> &[&'static str] {
         crate::standard::STANDARD_NAMES
     }

@@ -429,6 +429,39 @@ impl Requests {
         self.push(model, path, Action::Save).map(|_| ())
     }
 
+    /// Saves every value a pattern stands for ([`Model::expand_pattern`]: `layers_output.*`,
+    /// `model.layers.*.self_attn.**`); a plain path is one save. The saves of a hookpoint pattern
+    /// are optional: one that does not run in a forward (an expert no token was routed to) returns
+    /// nothing, without an error.
+    pub fn save_pattern(&mut self, model: &Model, pattern: &str) -> Result<()> {
+        if !crate::trace::pattern::is_pattern(pattern) {
+            return self.save(model, pattern);
+        }
+        let standard =
+            crate::standard::LAYER_NAMES.contains(&pattern.split('.').next().unwrap_or(""));
+        let first = self.plan.requests().len();
+        for p in model.expand_pattern(pattern)? {
+            let i = self.push(model, &p, Action::Save)?;
+            if !standard {
+                self.plan.set_optional(i)?;
+            }
+        }
+        self.last = first..self.plan.requests().len();
+        Ok(())
+    }
+
+    /// Saves every module's output (TransformerLens's `run_with_cache`), each optional as in
+    /// [`Requests::save_pattern`].
+    pub fn save_all(&mut self, model: &Model) -> Result<()> {
+        let first = self.plan.requests().len();
+        for p in model.module_outputs()? {
+            let i = self.push(model, &p, Action::Save)?;
+            self.plan.set_optional(i)?;
+        }
+        self.last = first..self.plan.requests().len();
+        Ok(())
+    }
+
     /// Replaces the value at `path` with `value` (same shape; float dtypes are converted).
     pub fn set(&mut self, model: &Model, path: &str, value: Tensor) -> Result<()> {
         let mut value = Some(value);
@@ -668,9 +701,18 @@ pub fn clamp_last(t: &Tensor, index: usize, value: f64) -> candle_core::Result<T
 /// `memory_limit`. Invoke inside the builder's `impl` block.
 macro_rules! request_methods {
     () => {
-        /// Saves the value at `path` (a standard name or any hookpoint path).
+        /// Saves the value at `path` (a standard name or any hookpoint path), or every value a
+        /// pattern stands for (`layers_output.*`, `model.layers.*.self_attn.**`: `*` is one path
+        /// segment, `**` any number; see [`Model::expand_pattern`]).
         pub fn save(mut self, path: &str) -> $crate::Result<Self> {
-            self.requests.save(&self.model, path)?;
+            self.requests.save_pattern(&self.model, path)?;
+            Ok(self)
+        }
+
+        /// Saves every module's output (TransformerLens's `run_with_cache`); the memory estimate
+        /// is checked before the forward runs, as for every save.
+        pub fn save_all(mut self) -> $crate::Result<Self> {
+            self.requests.save_all(&self.model)?;
             Ok(self)
         }
 

@@ -12,9 +12,16 @@
 //! | `token_embeddings` | output of `embed_tokens` |
 //! | `attention_probabilities.L` | the architecture's registered attention-probability hookpoint |
 //! | `logits` | the model's output logits (`lm_head`'s output, then any final soft-capping) |
+//! | `heads.L` | input of the attention's output projection viewed [B, T, H, D] |
+//! | `queries.L`, `keys.L`, `values.L` | [B, heads, T, D] as the attention uses them (after rotary; keys and values per key/value head) |
+//!
+//! The per-head names come from [`crate::models::PER_HEAD`]; `heads.L` is a view ([`View`]): it is
+//! read by reshaping the projection's input and written by reshaping back, so a write changes
+//! exactly what the projection sees.
 
 use crate::models::ProbShape;
-use crate::trace::{rt, HookPath, ModuleTable};
+use crate::trace::pattern::{self, Which};
+use crate::trace::{rt, HookPath, ModuleTable, View};
 use crate::{nearest, Error, Model, Result};
 
 /// Every standard name (module accessors and values).
@@ -35,6 +42,10 @@ pub const STANDARD_NAMES: &[&str] = &[
     "token_embeddings",
     "attention_probabilities",
     "logits",
+    "heads",
+    "queries",
+    "keys",
+    "values",
 ];
 
 /// Standard names that take a layer index.
@@ -50,6 +61,10 @@ pub const LAYER_NAMES: &[&str] = &[
     "mlps_input",
     "mlps_output",
     "attention_probabilities",
+    "heads",
+    "queries",
+    "keys",
+    "values",
 ];
 
 /// TransformerLens hook names (`blocks.L.<hook>`, and `hook_embed`) and the standard names they
@@ -187,6 +202,9 @@ pub fn is_residual_sized(_model: &Model, path: &str) -> bool {
             | "token_embeddings"
     )
 }
+
+/// The per-head standard names (see [`crate::models::PerHead`]).
+pub const PER_HEAD_NAMES: &[&str] = &["heads", "queries", "keys", "values"];
 
 /// One renaming rule: the standard name and the Hugging Face attribute names that map to it.
 #[derive(Debug)]
@@ -600,6 +618,16 @@ pub fn expand(model: &Model, path: &str) -> Result<String> {
             }
             Ok(format!("{layer}.{rel}"))
         }
+        "heads" | "queries" | "keys" | "values" => {
+            if tail.is_some() {
+                return Err(Error::Hookpoint {
+                    path: path.into(),
+                    msg: format!("`{head}.L` is a value; nothing can follow it"),
+                    suggestions: vec![format!("{head}.{idx}")],
+                });
+            }
+            per_head_path(model, path, head, &attn)
+        }
         "attention_probabilities" => {
             if tail.is_some() {
                 return Err(Error::Hookpoint {
@@ -629,7 +657,136 @@ pub fn expand(model: &Model, path: &str) -> Result<String> {
     }
 }
 
+/// The hookpoint a per-head name of layer attention `attn` stands for: the first of the registered
+/// alternatives whose call ran in the recorded structure.
+fn per_head_path(model: &Model, given: &str, head: &str, attn: &str) -> Result<String> {
+    let row = crate::models::per_head(model.arch.model_type).ok_or_else(|| Error::Hookpoint {
+        path: given.into(),
+        msg: format!(
+            "per-head names are not registered for model_type `{}` (they are for: {}); add a row \
+             to nnscope::models::PER_HEAD, or use hookpoint paths",
+            model.arch.model_type,
+            per_head_model_types().join(", ")
+        ),
+        suggestions: vec![],
+    })?;
+    let alternatives = match head {
+        "heads" => row.heads,
+        "queries" => row.queries,
+        "keys" => row.keys,
+        _ => row.values,
+    };
+    let mut first_err = None;
+    for alt in alternatives {
+        let p = format!("{attn}.{alt}");
+        match crate::trace::path::resolve(model, &p) {
+            Ok(hp) if hp.kind.is_some() => return Ok(p),
+            Ok(_) => {}
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    Err(Error::Hookpoint {
+        path: given.into(),
+        msg: format!(
+            "none of the registered hookpoints for `{head}` ran in this model ({}){}",
+            alternatives.join(", "),
+            first_err.map(|e| format!(": {e}")).unwrap_or_default()
+        ),
+        suggestions: vec![],
+    })
+}
+
+/// The model types with per-head names ([`crate::models::PER_HEAD`]).
+pub fn per_head_model_types() -> Vec<&'static str> {
+    crate::models::PER_HEAD
+        .iter()
+        .flat_map(|r| r.model_types.iter().copied())
+        .collect()
+}
+
+/// The view a standard name is read and written through: `heads.L` is the output projection's
+/// input [B, T, H * D] viewed [B, T, H, D]. Other names have none.
+pub fn value_view(model: &Model, path: &str) -> Result<Option<View>> {
+    if path.split('.').next() != Some("heads") {
+        return Ok(None);
+    }
+    let h = model.dims().heads;
+    if h == 0 {
+        return Err(Error::Input("the model has no attention heads".into()));
+    }
+    let read: crate::trace::EditFn = std::sync::Arc::new(move |x: &candle_core::Tensor| {
+        let (b, t, hd) = x.dims3()?;
+        if hd % h != 0 {
+            candle_core::bail!("its last dimension {hd} is not a multiple of {h} heads");
+        }
+        x.reshape((b, t, h, hd / h))
+    });
+    let write: crate::trace::EditFn = std::sync::Arc::new(|x: &candle_core::Tensor| {
+        let (b, t, h, d) = x.dims4()?;
+        x.reshape((b, t, h * d))
+    });
+    Ok(Some(View { read, write }))
+}
+
 impl Model {
+    /// Every hookpoint path of this model (module paths, no standard names): each module's
+    /// `.input` and `.output` and every call site that ran in the recorded structure, nested
+    /// `.source` calls included.
+    pub fn hookpoints(&self) -> Result<Vec<String>> {
+        pattern::hookpoints(self, Which::All)
+    }
+
+    /// Every module's `.output` (one path per element of a tuple): what
+    /// [`crate::Trace::save_all`] saves.
+    pub fn module_outputs(&self) -> Result<Vec<String>> {
+        pattern::hookpoints(self, Which::ModuleOutputs)
+    }
+
+    /// The paths a save pattern stands for. A standard name with `*` as its layer index
+    /// (`layers_output.*`) means every layer; any other pattern is matched against
+    /// [`Model::hookpoints`] (`*` one path segment, `**` any number: `model.layers.*.self_attn.**`).
+    /// A path without `*` is returned as is. A pattern matching nothing is an error.
+    pub fn expand_pattern(&self, path: &str) -> Result<Vec<String>> {
+        if !pattern::is_pattern(path) {
+            return Ok(vec![path.to_string()]);
+        }
+        let segs: Vec<&str> = path.split('.').collect();
+        if LAYER_NAMES.contains(&segs[0]) && segs.get(1) == Some(&"*") && !segs[2..].contains(&"*")
+        {
+            return Ok((0..self.names.num_layers)
+                .map(|i| {
+                    let mut s = segs.clone();
+                    let i = i.to_string();
+                    s[1] = &i;
+                    s.join(".")
+                })
+                .collect());
+        }
+        let all = self.hookpoints()?;
+        let found: Vec<String> = all
+            .iter()
+            .filter(|p| pattern::matches(path, p))
+            .cloned()
+            .collect();
+        if found.is_empty() {
+            let literal: String = path
+                .split('.')
+                .take_while(|s| *s != "*" && *s != "**")
+                .collect::<Vec<_>>()
+                .join(".");
+            return Err(Error::Hookpoint {
+                path: path.into(),
+                msg: "the pattern matches no hookpoint (patterns match hookpoint paths such as \
+                      `model.layers.0.self_attn.o_proj.output`; `*` is one segment, `**` any number)"
+                    .into(),
+                suggestions: crate::nearest(&literal, all.iter().map(|s| s.as_str()), 3),
+            });
+        }
+        Ok(found)
+    }
+
     /// This model's attention-probability hookpoint, relative to `attentions.L` (from the registry,
     /// or set with [`Model::set_attention_probabilities`]).
     pub fn attention_probabilities_path(&self) -> Option<&str> {

@@ -301,6 +301,166 @@ pub const ARCHITECTURES: &[Architecture] = &[
     },
 ];
 
+/// Where one architecture's per-head values are, as hookpoint paths relative to `attentions.L`
+/// (what the standard names `heads.L`, `queries.L`, `keys.L`, `values.L` expand to). Each entry
+/// lists alternatives, best first: the first whose call ran when the model's structure was recorded
+/// is used (a config can move a value: StableLM's partial rotary, for example). A separate table
+/// from [`ARCHITECTURES`], keyed by model type, so a registry row compiles without it; a model type
+/// missing here gets "per-head names are not registered for model_type X".
+#[derive(Debug)]
+pub struct PerHead {
+    /// The model types this row serves.
+    pub model_types: &'static [&'static str],
+    /// The input of the attention's output projection, [B, T, H * D] (viewed as [B, T, H, D]).
+    pub heads: &'static [&'static str],
+    /// Queries after rotary, [B, H, T, D].
+    pub queries: &'static [&'static str],
+    /// Keys after rotary, per key/value head, [B, KV, T, D] (this forward's tokens).
+    pub keys: &'static [&'static str],
+    /// Values per key/value head, [B, KV, T, D] (this forward's tokens).
+    pub values: &'static [&'static str],
+}
+
+/// The per-head hookpoints of every architecture that has them (see [`PerHead`]).
+pub const PER_HEAD: &[PerHead] = &[
+    PerHead {
+        model_types: &["llama", "mistral", "qwen2", "qwen3"],
+        heads: &["o_proj.input"],
+        queries: &["source.apply_rotary_pos_emb_0.output.0"],
+        keys: &["source.apply_rotary_pos_emb_0.output.1"],
+        values: &["source.transpose_0.output"],
+    },
+    PerHead {
+        model_types: &[
+            "qwen2_moe",
+            "gpt_oss",
+            "phi3",
+            "mixtral",
+            "qwen3_moe",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "olmo",
+            "olmo2",
+        ],
+        heads: &["o_proj.input"],
+        queries: &["source.apply_rotary_pos_emb_0.output.0"],
+        keys: &["source.apply_rotary_pos_emb_0.output.1"],
+        values: &["source.transpose_2.output"],
+    },
+    PerHead {
+        model_types: &["dbrx"],
+        heads: &["attn.out_proj.input"],
+        queries: &["attn.source.apply_rotary_pos_emb_0.output.0"],
+        keys: &["attn.source.apply_rotary_pos_emb_0.output.1"],
+        values: &["attn.source.transpose_2.output"],
+    },
+    PerHead {
+        model_types: &["gpt2"],
+        heads: &["c_proj.input"],
+        queries: &["source.contiguous_0.output"],
+        keys: &["source.contiguous_1.output"],
+        values: &["source.contiguous_2.output"],
+    },
+    PerHead {
+        model_types: &["gptj"],
+        heads: &["out_proj.input"],
+        queries: &["source.contiguous_0.output"],
+        keys: &["source.contiguous_1.output"],
+        values: &["source.value_contiguous_0.output"],
+    },
+    PerHead {
+        // `_merge_heads` feeds `dense` and also the column slices of `pretraining_tp > 1`.
+        model_types: &["bloom"],
+        heads: &["source.self__merge_heads_0.output"],
+        queries: &["source.self__reshape_0.output.0"],
+        keys: &["source.self__reshape_0.output.1"],
+        values: &["source.self__reshape_0.output.2"],
+    },
+    PerHead {
+        // Partial rotary: the concatenation when part of each head passes, the rotary output when
+        // all of it rotates, the (normed) heads when none does.
+        model_types: &["stablelm"],
+        heads: &["o_proj.input"],
+        queries: &[
+            "source.Tensor_cat_0.output",
+            "source.apply_rotary_pos_emb_0.output.0",
+            "source.q_layernorm_0.output",
+            "source.transpose_0.output",
+        ],
+        keys: &[
+            "source.Tensor_cat_1.output",
+            "source.apply_rotary_pos_emb_0.output.1",
+            "source.k_layernorm_0.output",
+            "source.transpose_1.output",
+        ],
+        values: &["source.transpose_2.output"],
+    },
+    PerHead {
+        // Partial rotary, as StableLM.
+        model_types: &["phi"],
+        heads: &["dense.input"],
+        queries: &[
+            "source.contiguous_0.output",
+            "source.apply_rotary_pos_emb_0.output.0",
+            "source.q_layernorm_0.output",
+            "source.transpose_0.output",
+        ],
+        keys: &[
+            "source.contiguous_1.output",
+            "source.apply_rotary_pos_emb_0.output.1",
+            "source.k_layernorm_0.output",
+            "source.transpose_1.output",
+        ],
+        values: &["source.transpose_2.output"],
+    },
+    PerHead {
+        model_types: &["starcoder2"],
+        heads: &["o_proj.input"],
+        queries: &["source.apply_rotary_pos_emb_0.output.0"],
+        keys: &["source.apply_rotary_pos_emb_0.output.1"],
+        values: &["source.transpose_2.output"],
+    },
+    PerHead {
+        model_types: &["gpt_neox"],
+        heads: &["dense.input"],
+        queries: &["source.apply_rotary_pos_emb_0.output.0"],
+        keys: &["source.apply_rotary_pos_emb_0.output.1"],
+        values: &["source.contiguous_2.output"],
+    },
+    PerHead {
+        // The attention proper is the inner `attention` module.
+        model_types: &["gpt_neo"],
+        heads: &["attention.out_proj.input"],
+        queries: &["attention.source.self__split_heads_0.output"],
+        keys: &["attention.source.self__split_heads_1.output"],
+        values: &["attention.source.self__split_heads_2.output"],
+    },
+    PerHead {
+        // Queries are scaled before the product, as OPT does.
+        model_types: &["opt"],
+        heads: &["out_proj.input"],
+        queries: &["source.contiguous_0.output"],
+        keys: &["source.contiguous_1.output"],
+        values: &["source.contiguous_2.output"],
+    },
+    PerHead {
+        // Multi-query (one key/value head) first, then the per-head split.
+        model_types: &["gpt_bigcode"],
+        heads: &["c_proj.input"],
+        queries: &["source.contiguous_2.output", "source.contiguous_3.output"],
+        keys: &["source.contiguous_0.output", "source.contiguous_4.output"],
+        values: &["source.contiguous_1.output", "source.contiguous_5.output"],
+    },
+];
+
+/// The per-head row of a `model_type`, if registered.
+pub fn per_head(model_type: &str) -> Option<&'static PerHead> {
+    PER_HEAD
+        .iter()
+        .find(|p| p.model_types.contains(&model_type))
+}
+
 /// The registry row of a `model_type`.
 pub fn architecture(model_type: &str) -> Option<&'static Architecture> {
     ARCHITECTURES.iter().find(|a| a.model_type == model_type)

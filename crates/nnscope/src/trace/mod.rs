@@ -8,6 +8,7 @@
 
 mod listing;
 pub mod path;
+pub mod pattern;
 pub mod plan;
 pub(crate) mod requests;
 pub mod rt;
@@ -19,7 +20,7 @@ mod value;
 pub use listing::listing;
 pub use nnscope_macros::hooked;
 pub use path::{HookPath, Terminal};
-pub use plan::{Action, DeriveFn, EditFn, Plan, Request, StepOutput, Steps};
+pub use plan::{Action, DeriveFn, EditFn, Plan, Request, StepOutput, Steps, View};
 pub use requests::Kind;
 pub use rt::{FnInfo, HookedForward, Scope};
 pub use structure::Structure;

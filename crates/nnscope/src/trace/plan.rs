@@ -23,6 +23,24 @@ pub type DeriveFn = Arc<
         + Sync,
 >;
 
+/// A view of a hookpoint's value under another shape (a standard name such as `heads.L`, the
+/// [B, T, H, D] view of the output projection's [B, T, H * D] input): requests see and write the
+/// value through it. `read` maps the hookpoint's value to the view; `write` maps a (new) view back
+/// to the hookpoint's shape. Both must keep the first (batch) dimension, so that `rows` still apply.
+#[derive(Clone)]
+pub struct View {
+    /// Hookpoint value -> view.
+    pub read: EditFn,
+    /// View -> hookpoint value.
+    pub write: EditFn,
+}
+
+impl std::fmt::Debug for View {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "View(..)")
+    }
+}
+
 /// What a request does at its hookpoint.
 #[derive(Clone)]
 pub enum Action {
@@ -137,6 +155,13 @@ pub struct Request {
     pub rows: Option<Vec<usize>>,
     /// A save made for another request's use (`CopyFrom`), not returned.
     pub hidden: bool,
+    /// The view the request sees the value through (from [`Target::value_view`]); `None`: the
+    /// value itself.
+    pub view: Option<View>,
+    /// A request that may not run in a forward (one of many from a pattern or `save_all`, such as
+    /// an expert no token was routed to): not running is no error, and a save that never ran
+    /// returns nothing under its name.
+    pub optional: bool,
 }
 
 /// Resolved requests and options, ready to run any number of times. `Send + Sync + Clone`.
@@ -194,6 +219,7 @@ impl Plan {
     /// write to a read-only value, or a `CopyFrom` of a request that is not an earlier save.
     pub fn add(&mut self, target: &dyn Target, path: &str, action: Action) -> Result<usize> {
         let hp = path::resolve(target, path)?;
+        let view = target.value_view(path)?;
         if action.writes() {
             if let Some(msg) = hp.read_only.as_ref() {
                 return Err(err(path, msg.clone()));
@@ -224,6 +250,8 @@ impl Plan {
             steps: Steps::All,
             rows: None,
             hidden: false,
+            view,
+            optional: false,
         });
         Ok(self.requests.len() - 1)
     }
@@ -271,6 +299,12 @@ impl Plan {
             }
         }
         r.action = action;
+        Ok(())
+    }
+
+    /// Marks request `i` as optional ([`Request::optional`]): it may not run in a forward.
+    pub fn set_optional(&mut self, i: usize) -> Result<()> {
+        self.request_mut(i)?.optional = true;
         Ok(())
     }
 
@@ -394,6 +428,9 @@ impl Plan {
         let mut saved = Vec::new();
         for &i in &active {
             let r = &self.requests[i];
+            if hits[i] == 0 && r.optional {
+                continue;
+            }
             if hits[i] == 0 && !stopped && !matches!(r.action, Action::Stop) {
                 return Err(err(
                     &r.name,

@@ -213,7 +213,7 @@ impl<'a> Ctx<'a> {
         for ri in reqs {
             let req = &self.reqs[ri];
             self.hits.borrow_mut()[ri] += 1;
-            let Some(cur) = v.get(req.path.select).cloned() else {
+            let Some(raw) = v.get(req.path.select).cloned() else {
                 return Err(self.fail(crate::Error::Hookpoint {
                     path: req.name.clone(),
                     msg: match &v {
@@ -226,6 +226,20 @@ impl<'a> Ctx<'a> {
                     },
                     suggestions: vec![],
                 }));
+            };
+            // A request on a view sees (and writes) the value through it.
+            let cur = match &req.view {
+                Some(view) => (view.read)(&raw).map_err(|e| {
+                    self.fail(crate::Error::Hookpoint {
+                        path: req.name.clone(),
+                        msg: format!(
+                            "the value here (shape {:?}) cannot be viewed as this name: {e}",
+                            raw.dims()
+                        ),
+                        suggestions: vec![],
+                    })
+                })?,
+                None => raw,
             };
             let rows = req.rows.as_deref();
             if let Some(rows) = rows {
@@ -327,6 +341,10 @@ impl<'a> Ctx<'a> {
                 Some(r) => scatter_rows(&cur, r, &new_part)?,
                 None => new_part,
             };
+            let new = match &req.view {
+                Some(view) => (view.write)(&new)?,
+                None => new,
+            };
             v.set(req.path.select, new);
         }
         Ok(v)
@@ -382,7 +400,12 @@ fn all_finite(t: &Tensor) -> Result<bool> {
 fn select_rows(t: &Tensor, rows: &[usize]) -> Result<Tensor> {
     let idx: Vec<u32> = rows.iter().map(|r| *r as u32).collect();
     let idx = Tensor::from_vec(idx, rows.len(), t.device())?;
-    t.index_select(&idx, 0)
+    // A transposed value (keys, values) is not contiguous; index_select needs it to be.
+    if t.is_contiguous() {
+        t.index_select(&idx, 0)
+    } else {
+        t.contiguous()?.index_select(&idx, 0)
+    }
 }
 
 /// `old` with its rows `rows` (first dimension) replaced by the rows of `new`, in order.

@@ -6,6 +6,7 @@
 //! estimates the size of a saved value for the memory check.
 
 use super::path::HookPath;
+use super::plan::View;
 use super::structure::Structure;
 use super::table::ModuleTable;
 use crate::Result;
@@ -24,6 +25,12 @@ pub trait Target {
     /// default.
     fn expand_path(&self, path: &str) -> Result<String> {
         Ok(path.to_string())
+    }
+
+    /// The view a name is read and written through, when it names a reshaped value (the identity
+    /// when `None`, the default). Called with the path as given, before [`Target::expand_path`].
+    fn value_view(&self, _path: &str) -> Result<Option<View>> {
+        Ok(None)
     }
 
     /// Names besides module paths that a path may start with, offered as suggestions when a path
