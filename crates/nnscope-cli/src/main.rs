@@ -354,6 +354,7 @@ fn warn_non_finite_value(name: &str, t: &Tensor) -> Result<(), String> {
 struct RunOpts {
     save_all: bool,
     rows: Option<Vec<usize>>,
+    sae: sae_args::SaeArgs,
 }
 
 fn run(
@@ -363,7 +364,6 @@ fn run(
     saves: Vec<String>,
     out: PathBuf,
     dtype: &str,
-    sae: &sae_args::SaeArgs,
     opts: RunOpts,
 ) -> Result<(), String> {
     let dtype = parse_dtype(dtype)?;
@@ -384,7 +384,7 @@ fn run(
     // Never write over a file the model is loaded from.
     hub::check_output_path(&out, &dir).map_err(err)?;
     let m = load_dir(model, &dir, dtype)?;
-    let mut trace = sae_args::apply_sae_args!(m.trace(input), sae);
+    let mut trace = sae_args::apply_sae_args!(m.trace(input), opts.sae);
     let mut derived = false;
     if opts.save_all {
         trace = trace.save_all().map_err(err)?;
@@ -555,8 +555,11 @@ fn main() -> ExitCode {
             saves,
             out,
             &dtype,
-            &sae,
-            RunOpts { save_all, rows },
+            RunOpts {
+                save_all,
+                rows,
+                sae,
+            },
         ),
         Cmd::Generate(args) => generate_cmd::generate(args),
         Cmd::Lens(args) => lens_cmd::lens_cmd(args).map(|_| ()),
