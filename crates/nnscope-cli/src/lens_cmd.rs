@@ -31,6 +31,10 @@ pub struct LensArgs {
     /// Output safetensors file: `logit_lens` [L, B, T, vocab] (float32 logits) and `input_ids`.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Heatmap PNG (first row of the batch): per layer and position, the probability the layer's
+    /// lens gives to the token the model finally predicts there.
+    #[arg(long)]
+    png: Option<PathBuf>,
     /// Compute dtype: float32, bfloat16 or float16.
     #[arg(long, default_value = "float32")]
     dtype: String,
@@ -52,6 +56,9 @@ pub fn lens_cmd(args: LensArgs) -> Result<LensResult, String> {
     if let Some(out) = &args.out {
         check_out(out)?;
     }
+    if let Some(png) = &args.png {
+        check_out(png)?;
+    }
     if args.top_k == 0 {
         return Err("--top-k must be at least 1".into());
     }
@@ -61,7 +68,7 @@ pub fn lens_cmd(args: LensArgs) -> Result<LensResult, String> {
         (None, true) => return Err("give --prompt TEXT or --inputs IDS.safetensors".into()),
     };
     let dir = locate(&args.model)?;
-    if let Some(out) = &args.out {
+    for out in [&args.out, &args.png].into_iter().flatten() {
         hub::check_output_path(out, &dir).map_err(err)?;
     }
     let m = load_dir(&args.model, &dir, dtype)?;
@@ -85,7 +92,7 @@ pub fn lens_cmd(args: LensArgs) -> Result<LensResult, String> {
             println!("  layer {l:>3}: {}", cells.join("  "));
         }
     }
-    let tokens = ids
+    let tokens: Vec<Vec<String>> = ids
         .iter()
         .map(|r| r.iter().map(|&i| token_text(&m, i)).collect())
         .collect();
@@ -107,5 +114,55 @@ pub fn lens_cmd(args: LensArgs) -> Result<LensResult, String> {
         );
         write_atomic(&tensors, out)?;
     }
+    if let Some(png) = &args.png {
+        lens_png(&res, &tokens, png)?;
+        eprintln!("wrote {}", png.display());
+    }
     Ok(LensResult { lens: res, tokens })
+}
+
+/// The lens picture of row 0: [L, T] probabilities of the last layer's top token at each position.
+fn lens_png(
+    res: &lens::LensOutput,
+    tokens: &[Vec<String>],
+    png: &std::path::Path,
+) -> Result<(), String> {
+    let row = res
+        .logits
+        .narrow(1, 0, 1)
+        .and_then(|t| t.squeeze(1))
+        .map_err(candle_err)?; // [L, T, V]
+    let probs = row
+        .max_keepdim(candle_core::D::Minus1)
+        .and_then(|m| row.broadcast_sub(&m))
+        .and_then(|x| x.exp())
+        .and_then(|e| {
+            e.sum_keepdim(candle_core::D::Minus1)
+                .and_then(|s| e.broadcast_div(&s))
+        })
+        .map_err(candle_err)?;
+    let l = probs.dim(0).map_err(candle_err)?;
+    let last = probs.get(l - 1).map_err(candle_err)?; // [T, V]
+    let top = last.argmax(candle_core::D::Minus1).map_err(candle_err)?; // [T]
+    let (_, t, v) = probs.dims3().map_err(candle_err)?;
+    let idx = top
+        .reshape((1, t, 1))
+        .and_then(|i| i.broadcast_as((l, t, 1)))
+        .and_then(|i| i.contiguous())
+        .map_err(candle_err)?;
+    let picked = probs
+        .gather(&idx, 2)
+        .and_then(|p| p.squeeze(2))
+        .map_err(candle_err)?; // [L, T]
+    let _ = v;
+    let layers: Vec<String> = (0..l).map(|i| format!("L{i}")).collect();
+    let cols = tokens.first().cloned().unwrap_or_default();
+    nnscope::viewer::heatmap_png(
+        &picked,
+        &layers,
+        &cols,
+        "logit lens: probability of the final top token, per layer and position",
+        png,
+    )
+    .map_err(err)
 }

@@ -35,6 +35,10 @@ pub struct PatchArgs {
     /// with `--heads` also `heads` and `heads_attribution` [L, H].
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Heatmap PNG of `resid` and `resid_attribution` (layers x tokens); with `--heads` also
+    /// `heads` and `heads_attribution` (layers x heads) in FILE_heads.png beside it.
+    #[arg(long)]
+    png: Option<PathBuf>,
     /// Compute dtype: float32, bfloat16 or float16.
     #[arg(long, default_value = "float32")]
     dtype: String,
@@ -74,8 +78,11 @@ pub fn patch_cmd(args: PatchArgs) -> Result<patching::PatchOutput, String> {
     if let Some(out) = &args.out {
         check_out(out)?;
     }
+    if let Some(png) = &args.png {
+        check_out(png)?;
+    }
     let dir = locate(&args.model)?;
-    if let Some(out) = &args.out {
+    for out in [&args.out, &args.png].into_iter().flatten() {
         hub::check_output_path(out, &dir).map_err(err)?;
     }
     let m = load_dir(&args.model, &dir, dtype)?;
@@ -101,6 +108,41 @@ pub fn patch_cmd(args: PatchArgs) -> Result<patching::PatchOutput, String> {
     if let Some(out) = &args.out {
         let tensors: HashMap<_, _> = p.named_tensors().map_err(err)?.into_iter().collect();
         write_atomic(&tensors, out)?;
+    }
+    if let Some(png) = &args.png {
+        let layers: Vec<String> = (0..p.resid.dims()[0]).map(|l| format!("L{l}")).collect();
+        nnscope::viewer::heatmaps_png(
+            &[
+                ("resid".to_string(), p.resid.clone()),
+                ("resid_attribution".to_string(), p.resid_attribution.clone()),
+            ],
+            &layers,
+            &p.tokens,
+            "activation patching (metric per layer and position)",
+            png,
+        )
+        .map_err(err)?;
+        eprintln!("wrote {}", png.display());
+        if let (Some(h), Some(ha)) = (&p.heads, &p.heads_attribution) {
+            let cols: Vec<String> = (0..h.dims()[1]).map(|i| format!("H{i}")).collect();
+            let stem = png
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let heads_png = png.with_file_name(format!("{stem}_heads.png"));
+            nnscope::viewer::heatmaps_png(
+                &[
+                    ("heads".to_string(), h.clone()),
+                    ("heads_attribution".to_string(), ha.clone()),
+                ],
+                &layers,
+                &cols,
+                "activation patching of each head (metric per layer and head)",
+                &heads_png,
+            )
+            .map_err(err)?;
+            eprintln!("wrote {}", heads_png.display());
+        }
     }
     Ok(p)
 }
