@@ -21,7 +21,7 @@ use candle_core::{DType, IndexOp, Tensor};
 use nnscope::{Input, Model};
 
 /// Model types without per-head rows yet: their fixtures check the error instead.
-const NOT_REGISTERED: &[&str] = &["falcon"];
+const NOT_REGISTERED: &[&str] = &[];
 
 fn fixture_type(fx: &str) -> String {
     let c: serde_json::Value = serde_json::from_str(
@@ -117,7 +117,15 @@ fn per_head_shapes_values_and_heads_match_probabilities() {
         }
         let out = tr.run().unwrap();
         let mut fitted = 0;
-        let alibi = model.arch.model_type == "bloom";
+        // ALiBi adds a per-head slope times the key position (Falcon's `alibi: true` too).
+        let alibi = model.arch.model_type == "bloom"
+            || (model.arch.model_type == "falcon"
+                && model
+                    .config
+                    .raw
+                    .get("alibi")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false));
         for l in 0..d.layers {
             let g = |n: &str| {
                 out.get(&format!("{n}.{l}"))

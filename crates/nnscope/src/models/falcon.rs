@@ -731,8 +731,10 @@ pub fn load(config: &Config, vb: Builder) -> crate::Result<Box<dyn CausalLM>> {
     } else {
         Linear::new(h, cfg.vocab_size, false, root.pp("lm_head"))?
     };
+    // The key/value heads the attention uses (and the cache holds): the new decoder architecture
+    // broadcasts its `num_kv_heads` to every query head inside `_split_heads`, as transformers does.
     let kv_heads = if cfg.new_decoder_architecture {
-        cfg.num_kv_heads
+        cfg.num_attention_heads
     } else if cfg.multi_query {
         1
     } else {

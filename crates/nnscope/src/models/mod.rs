@@ -324,6 +324,21 @@ pub struct PerHead {
 /// The per-head hookpoints of every architecture that has them (see [`PerHead`]).
 pub const PER_HEAD: &[PerHead] = &[
     PerHead {
+        // Rotary configurations rotate q and k; ALiBi ones use the reshaped heads as they are.
+        // With `new_decoder_architecture` keys and values come broadcast to every query head.
+        model_types: &["falcon"],
+        heads: &["dense.input"],
+        queries: &[
+            "source.apply_rotary_pos_emb_0.output.0",
+            "source.reshape_0.output",
+        ],
+        keys: &[
+            "source.apply_rotary_pos_emb_0.output.1",
+            "source.reshape_1.output",
+        ],
+        values: &["source.reshape_2.output"],
+    },
+    PerHead {
         model_types: &["llama", "mistral", "qwen2", "qwen3"],
         heads: &["o_proj.input"],
         queries: &["source.apply_rotary_pos_emb_0.output.0"],
