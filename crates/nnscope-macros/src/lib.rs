@@ -153,6 +153,14 @@ fn contains_call(e: &Expr) -> bool {
     f.0
 }
 
+/// `ops::add(a, b)` and the like: Python's arithmetic operators written as functions
+/// (`nnscope::nn::ops`). Operators are not calls in Python, so nnsight has no hookpoint for them,
+/// and neither do we.
+fn is_operator(path: &syn::Path) -> bool {
+    let n = path.segments.len();
+    n >= 2 && path.segments[n - 2].ident == "ops"
+}
+
 fn is_constructor(path: &syn::Path) -> bool {
     path.segments
         .last()
@@ -176,14 +184,20 @@ impl VisitMut for Rewriter {
         match e {
             Expr::Call(call) => {
                 let base = match &*call.func {
-                    Expr::Path(p) if p.qself.is_none() && !is_constructor(&p.path) => Some(
-                        p.path
-                            .segments
-                            .iter()
-                            .map(|s| s.ident.to_string())
-                            .collect::<Vec<_>>()
-                            .join("_"),
-                    ),
+                    Expr::Path(p)
+                        if p.qself.is_none()
+                            && !is_constructor(&p.path)
+                            && !is_operator(&p.path) =>
+                    {
+                        Some(
+                            p.path
+                                .segments
+                                .iter()
+                                .map(|s| s.ident.to_string())
+                                .collect::<Vec<_>>()
+                                .join("_"),
+                        )
+                    }
                     Expr::Path(_) => None,
                     other => place_chain(other).map(|c| c.join("_")),
                 };

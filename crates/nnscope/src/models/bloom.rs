@@ -319,7 +319,7 @@ impl BloomAttention {
 
         let attn_weights = attention_scores.reshape((batch_size, self.num_heads, q_length, ()))?;
         let attn_weights = match attention_mask {
-            Some(mask) => attn_weights.broadcast_add(mask)?,
+            Some(mask) => nn::ops::add(&attn_weights, mask)?,
             None => attn_weights,
         };
 

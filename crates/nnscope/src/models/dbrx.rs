@@ -243,7 +243,7 @@ impl DbrxAttention {
         // 5.24 multiplies by `scaling` (4.x divided by sqrt(head_dim)); the goldens come from 5.24.
         let mut attn_weights = (query_states.matmul(&key_states.transpose(2, 3)?)? * self.scaling)?;
         if let Some(causal_mask) = attention_mask {
-            attn_weights = attn_weights.broadcast_add(causal_mask)?;
+            attn_weights = nn::ops::add(&attn_weights, causal_mask)?;
         }
 
         // Upcast to float32 for the softmax, back to the query's dtype after.

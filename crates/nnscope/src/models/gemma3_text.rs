@@ -294,7 +294,7 @@ pub fn eager_attention_forward(
         attn_weights = (attn_weights * softcap)?;
     }
     if let Some(mask) = attention_mask {
-        attn_weights = attn_weights.broadcast_add(mask)?;
+        attn_weights = nn::ops::add(&attn_weights, mask)?;
     }
     let attn_weights =
         nn::functional::softmax(&attn_weights, D::Minus1)?.to_dtype(query.dtype())?;

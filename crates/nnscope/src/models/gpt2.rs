@@ -91,7 +91,7 @@ pub fn eager_attention_forward(
 ) -> Result<(Tensor, Tensor)> {
     let mut attn_weights = (query.matmul(&key.transpose(D::Minus1, D::Minus2)?)? * scaling)?;
     if let Some(mask) = attention_mask {
-        attn_weights = attn_weights.broadcast_add(mask)?;
+        attn_weights = nn::ops::add(&attn_weights, mask)?;
     }
     let attn_weights = nn::functional::softmax(&attn_weights, D::Minus1)?;
     let attn_weights = attn_weights.to_dtype(value.dtype())?;
@@ -158,7 +158,7 @@ impl GPT2Attention {
         let k = key.to_dtype(DType::F32)?;
         let mut attn_weights = (q.matmul(&k.transpose(D::Minus1, D::Minus2)?)? * self.scaling)?;
         if let Some(mask) = attention_mask {
-            attn_weights = attn_weights.broadcast_add(&mask.to_dtype(DType::F32)?)?;
+            attn_weights = nn::ops::add(&attn_weights, &mask.to_dtype(DType::F32)?)?;
         }
         let attn_weights = nn::functional::softmax(&attn_weights, D::Minus1)?;
         let attn_weights = attn_weights.to_dtype(value.dtype())?;

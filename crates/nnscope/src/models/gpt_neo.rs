@@ -212,9 +212,9 @@ impl GPTNeoSelfAttention {
             DType::F32,
             attn_weights.device(),
         )?;
-        let mut attn_weights = attn_weights.broadcast_add(&causal_mask)?;
+        let mut attn_weights = nn::ops::add(&attn_weights, &causal_mask)?;
         if let Some(mask) = attention_mask {
-            attn_weights = attn_weights.broadcast_add(&mask.to_dtype(DType::F32)?)?;
+            attn_weights = nn::ops::add(&attn_weights, &mask.to_dtype(DType::F32)?)?;
         }
         let attn_weights = nn::functional::softmax(&attn_weights, D::Minus1)?;
         let attn_weights = attn_weights.to_dtype(value.dtype())?;

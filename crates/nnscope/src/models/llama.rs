@@ -179,9 +179,10 @@ impl LlamaMLP {
 impl LlamaMLP {
     /// down_proj(act_fn(gate_proj(x)) * up_proj(x)).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let down_proj = self.down_proj.forward(
-            &(self.act_fn.forward(&self.gate_proj.forward(x)?)? * self.up_proj.forward(x)?)?,
-        )?;
+        let down_proj = self.down_proj.forward(&nn::ops::mul(
+            &self.act_fn.forward(&self.gate_proj.forward(x)?)?,
+            &self.up_proj.forward(x)?,
+        )?)?;
         Ok(down_proj)
     }
 }
@@ -202,7 +203,7 @@ pub fn eager_attention_forward(
     let value_states = repeat_kv(value, module.num_key_value_groups)?;
     let mut attn_weights = (query.matmul(&key_states.transpose(2, 3)?)? * scaling)?;
     if let Some(mask) = attention_mask {
-        attn_weights = attn_weights.broadcast_add(mask)?;
+        attn_weights = nn::ops::add(&attn_weights, mask)?;
     }
     let attn_weights =
         nn::functional::softmax(&attn_weights, D::Minus1)?.to_dtype(query.dtype())?;
@@ -338,12 +339,12 @@ impl LlamaDecoderLayer {
             attention_mask,
             past_key_values,
         )?;
-        let hidden_states = (residual + hidden_states)?;
+        let hidden_states = nn::ops::add(residual, &hidden_states)?;
 
         let residual = &hidden_states;
         let mlp_input = self.post_attention_layernorm.forward(&hidden_states)?;
         let mlp_output = self.mlp.forward(&mlp_input)?;
-        residual + mlp_output
+        nn::ops::add(residual, &mlp_output)
     }
 }
 

@@ -305,7 +305,7 @@ impl StableLmAttention {
         let key_states = key_states.contiguous()?;
         let mut attn_weights = (query_states.matmul(&key_states.transpose(2, 3)?)? * self.scaling)?;
         if let Some(mask) = attention_mask {
-            attn_weights = attn_weights.broadcast_add(mask)?;
+            attn_weights = nn::ops::add(&attn_weights, mask)?;
         }
 
         // Upcast attention to fp32.

@@ -144,7 +144,7 @@ pub fn eager_attention_forward(
     let value_states = repeat_kv(value, module.num_key_value_groups)?;
     let mut attn_weights = (query.matmul(&key_states.transpose(2, 3)?)? * scaling)?;
     if let Some(mask) = attention_mask {
-        attn_weights = attn_weights.broadcast_add(mask)?;
+        attn_weights = nn::ops::add(&attn_weights, mask)?;
     }
     let attn_weights =
         nn::functional::softmax(&attn_weights, D::Minus1)?.to_dtype(query.dtype())?;

@@ -16,6 +16,7 @@ pub mod mask;
 pub(crate) mod mmap;
 pub mod moe;
 mod olmo_norm;
+pub mod ops;
 pub mod rope;
 mod scaled_embedding;
 

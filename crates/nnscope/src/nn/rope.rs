@@ -3,6 +3,7 @@
 //! config layout (transformers 5's `rope_parameters`, or 4's `rope_theta` / `rope_scaling` /
 //! `partial_rotary_factor` at the top level).
 
+use super::ops;
 use crate::config::Config;
 use crate::trace::hooked;
 use candle_core::{DType, Device, Result, Tensor, D};
@@ -342,7 +343,7 @@ pub fn apply_rotary_pos_emb(
 ) -> Result<(Tensor, Tensor)> {
     let cos = cos.unsqueeze(1)?;
     let sin = sin.unsqueeze(1)?;
-    let q_embed = (q.broadcast_mul(&cos)? + rotate_half(q)?.broadcast_mul(&sin)?)?;
-    let k_embed = (k.broadcast_mul(&cos)? + rotate_half(k)?.broadcast_mul(&sin)?)?;
+    let q_embed = ops::add(&ops::mul(q, &cos)?, &ops::mul(&rotate_half(q)?, &sin)?)?;
+    let k_embed = ops::add(&ops::mul(k, &cos)?, &ops::mul(&rotate_half(k)?, &sin)?)?;
     Ok((q_embed, k_embed))
 }
