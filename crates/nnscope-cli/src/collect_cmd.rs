@@ -1,6 +1,7 @@
 //! `nnscope collect`: activations over a corpus, into resumable safetensors shards; `--merge` joins
 //! the folders of a run split with `--shard I/N`.
 
+use crate::sae_args::SaeArgs;
 use crate::{err, load_dir, locate, parse_dtype, progress, ModelArgs};
 use clap::Args;
 use nnscope::collect::{self, CollectOptions, Corpus, Positions, Shard};
@@ -49,11 +50,20 @@ pub struct CollectArgs {
     shard: Option<String>,
     /// Merge the finished folders of all parts of a --shard run into --out (hard links to their
     /// shard files and one manifest).
-    #[arg(long, num_args = 1.., conflicts_with_all = ["model", "dataset", "saves", "shard"])]
+    #[arg(long, num_args = 1.., conflicts_with_all = ["model", "dataset", "saves", "shard", "saes", "top_k"])]
     merge: Vec<PathBuf>,
     /// Compute dtype: float32, bfloat16 or float16 (values are written as float32).
     #[arg(long, default_value = "float32")]
     dtype: String,
+    /// Sparse autoencoders (--sae DIR[=PATH], then --save PATH.sae.feature_acts), --splice and
+    /// --clamp, as on `run`; recorded in manifest.json.
+    #[command(flatten)]
+    sae: SaeArgs,
+    /// Store only the K largest features of each row of every `*.sae.feature_acts` save, as
+    /// SAVE.top_k_values (float32 [rows, K]) and SAVE.top_k_indices (int64 [rows, K]); with
+    /// --positions mean, the top K of the document's mean activations.
+    #[arg(long, value_name = "K")]
+    top_k: Option<usize>,
 }
 
 /// Runs `nnscope collect`.
@@ -94,6 +104,16 @@ pub fn collect(args: CollectArgs) -> Result<(), String> {
     if args.max_tokens == Some(0) {
         return Err("--max-tokens must be at least 1".into());
     }
+    if args.top_k == Some(0) {
+        return Err("--top-k must be at least 1".into());
+    }
+    if args.top_k.is_some() && !args.saves.iter().any(|s| collect::is_feature_acts(s)) {
+        return Err(
+            "--top-k keeps the largest SAE features: give --sae DIR and --save H.sae.feature_acts"
+                .into(),
+        );
+    }
+    let clamps = args.sae.clamps()?;
     let Some(model_name) = args.model else {
         return Err("give MODEL".into());
     };
@@ -123,6 +143,7 @@ pub fn collect(args: CollectArgs) -> Result<(), String> {
         model: model_name.clone(),
         revision: args.revision.clone(),
     };
+    let saes = args.sae.attachments()?;
     let dir = locate(&model_args)?;
     let m = load_dir(&model_args, &dir, dtype)?;
     // `layers_output.*` per layer, and hookpoint patterns (`*`, `**`).
@@ -148,6 +169,9 @@ pub fn collect(args: CollectArgs) -> Result<(), String> {
         progress: progress(),
         model_id,
         revision: args.revision,
+        saes,
+        clamps,
+        top_k: args.top_k,
     };
     let s = collect::collect(&m, &corpus, &args.out, &opts).map_err(err)?;
     println!("{s}");

@@ -1,10 +1,10 @@
-//! `--sae`, `--splice` and `--clamp`: sparse autoencoders and clamped values on `run` and
-//! `generate`.
+//! `--sae`, `--splice` and `--clamp`: sparse autoencoders and clamped values on `run`,
+//! `generate` and `collect`.
 
 use clap::Args;
-use nnscope::{Attach, Sae};
+use nnscope::Attach;
 
-/// SAE and clamp options shared by `run` and `generate`.
+/// SAE and clamp options shared by `run`, `generate` and `collect`.
 #[derive(Args, Debug, Clone, Default)]
 pub struct SaeArgs {
     /// Attach a sparse autoencoder or transcoder: a SAELens folder (cfg.json +
@@ -25,62 +25,27 @@ pub struct SaeArgs {
     pub clamps: Vec<String>,
 }
 
-/// One `--clamp`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Clamp {
-    /// The hookpoint.
-    pub name: String,
-    /// Element of its last axis.
-    pub index: usize,
-    /// The value it is set to.
-    pub value: f64,
-}
+pub use nnscope::Clamp;
 
-/// Parses `NAME:INDEX=VALUE`.
+/// Parses `NAME:INDEX=VALUE` (see [`nnscope::Clamp`]).
 pub fn parse_clamp(s: &str) -> Result<Clamp, String> {
-    let bad = |why: &str| {
-        format!("--clamp `{s}`: {why} (expected NAME:INDEX=VALUE, e.g. layers_output.0.sae.feature_acts:12=5.0)")
-    };
-    let (name, rest) = s.rsplit_once(':').ok_or_else(|| bad("no `:`"))?;
-    let (index, value) = rest.split_once('=').ok_or_else(|| bad("no `=`"))?;
-    if name.is_empty() {
-        return Err(bad("no NAME"));
-    }
-    let index = index
-        .trim()
-        .parse::<usize>()
-        .map_err(|_| bad(&format!("`{index}` is not an index")))?;
-    let value = value
-        .trim()
-        .parse::<f64>()
-        .ok()
-        .filter(|v| v.is_finite())
-        .ok_or_else(|| bad(&format!("`{value}` is not a finite number")))?;
-    Ok(Clamp {
-        name: name.to_string(),
-        index,
-        value,
+    s.parse::<Clamp>().map_err(|e| match e {
+        nnscope::Error::Input(m) => format!("--{m}"),
+        e => crate::err(e),
     })
 }
 
 impl SaeArgs {
     /// The SAEs to attach, loaded (`DIR` or `DIR=PATH`).
     pub fn attachments(&self) -> Result<Vec<Attach>, String> {
-        let mut out = Vec::new();
-        for spec in &self.saes {
-            let (dir, at) = match spec.split_once('=') {
-                Some((d, p)) if !p.is_empty() => (d, Some(p)),
-                Some(_) => return Err(format!("--sae `{spec}`: nothing after `=`")),
-                None => (spec.as_str(), None),
-            };
-            let sae = Sae::load(dir).map_err(|e| crate::err(format!("--sae {dir}: {e}")))?;
-            let mut a = Attach::from(sae).splice(self.splice);
-            if let Some(p) = at {
-                a = a.at(p);
-            }
-            out.push(a);
-        }
-        Ok(out)
+        self.saes
+            .iter()
+            .map(|spec| {
+                Attach::parse(spec)
+                    .map(|a| a.splice(self.splice))
+                    .map_err(|e| crate::err(format!("--sae {spec}: {e}")))
+            })
+            .collect()
     }
 
     /// The `--clamp`s, parsed.

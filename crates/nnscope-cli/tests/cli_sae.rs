@@ -182,3 +182,89 @@ fn bad_sae_arguments_are_one_line_errors() {
         assert_eq!(e.trim().lines().count(), 1, "{e}");
     }
 }
+
+/// `collect --sae --save H.sae.feature_acts --top-k K` on the golden's prompt: the manifest records
+/// the SAE; the top-k equal the golden feature activations' top-k of the last token; a resume with
+/// another SAE set is refused.
+#[test]
+fn collect_sae_feature_acts_top_k() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("llama");
+    let sae = model.join("saes/res_post_0");
+    let g = load(&sae.join("golden.safetensors"));
+    let bytes = std::fs::read(model.join("golden.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let prompt = meta.metadata().clone().unwrap()["prompt"].clone();
+    let corpus = dir.path().join("corpus.txt");
+    std::fs::write(&corpus, format!("{prompt}\nFree software\n")).unwrap();
+    let out = dir.path().join("acts");
+    let fa = "blocks.0.hook_resid_post.sae.feature_acts";
+    let collect = |extra: &[&str]| {
+        let mut args = vec![
+            "collect",
+            model.to_str().unwrap(),
+            "--dataset",
+            corpus.to_str().unwrap(),
+            "--save",
+            fa,
+            "--positions",
+            "last",
+            "--top-k",
+            "5",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        nnscope(&args)
+    };
+    let o = collect(&["--sae", sae.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let man: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(man["saes"][0]["hook"], "blocks.0.hook_resid_post");
+    assert_eq!(man["top_k"], 5);
+    let t = load(&out.join("part-00000.safetensors"));
+    let vals: Vec<f32> = t[&format!("{fa}.top_k_values")]
+        .get(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let idx: Vec<i64> = t[&format!("{fa}.top_k_indices")]
+        .get(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let golden = g["feature_acts"].get(0).unwrap();
+    let tt = golden.dim(0).unwrap();
+    let last: Vec<f32> = golden.get(tt - 1).unwrap().to_vec1().unwrap();
+    let mut sorted = last.clone();
+    sorted.sort_by(|a, b| b.partial_cmp(a).unwrap());
+    let tol = 1e-4 * sorted[0].abs().max(1.0);
+    for j in 0..5 {
+        assert!((vals[j] - sorted[j]).abs() <= tol, "top {j}");
+        assert!((last[idx[j] as usize] - vals[j]).abs() <= tol, "index {j}");
+    }
+    // Another SAE set: refused, with the folder left as it was.
+    let spec = format!("{}=layers_output.0", sae.to_str().unwrap());
+    let o = collect(&["--sae", &spec]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("different SAEs"), "{e}");
+    let o = collect(&["--sae", sae.to_str().unwrap(), "--splice"]);
+    assert!(!o.status.success());
+    // Top-k without an SAE save: a clear error before the model loads.
+    let o = nnscope(&[
+        "collect",
+        model.to_str().unwrap(),
+        "--dataset",
+        corpus.to_str().unwrap(),
+        "--save",
+        "layers_output.0",
+        "--top-k",
+        "5",
+        "--out",
+        dir.path().join("x").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--top-k"));
+}

@@ -23,8 +23,18 @@
 //!   record number in the corpus, counted from 0) and `document_tokens` (int64, its token count
 //!   after truncation).
 //! - `manifest.json`: see [`Manifest`].
+//!
+//! Sparse autoencoders ([`CollectOptions::saes`]) add their hookpoints to what can be saved:
+//! `--save H.sae.feature_acts` stores an SAE's feature activations `[.., d_sae]`. With
+//! [`CollectOptions::top_k`] = `Some(k)`, each such save keeps only the `k` largest features of
+//! each row (a token for [`Positions::All`] and [`Positions::Last`]; the document's mean
+//! activation for [`Positions::Mean`], i.e. the top-k of the mean, not the mean of top-ks), stored
+//! as two tensors: `H.sae.feature_acts.top_k_values` (float32 `[rows, k]`, largest first) and
+//! `H.sae.feature_acts.top_k_indices` (int64 `[rows, k]`, the feature numbers); see
+//! [`top_k_names`]. The manifest records the SAEs (spec, hooks, splice, sha256 of the weights),
+//! the clamps and `top_k`, and a resume refuses a job where any of them changed.
 
-use crate::{Error, Input, Model, Plan, Result};
+use crate::{Attach, Clamp, Error, Input, Model, Plan, Result, Sae};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -36,6 +46,55 @@ use std::time::Instant;
 pub const FORMAT: &str = "nnscope-collect-1";
 /// Names written beside the saves in every shard (a save cannot take them).
 pub const RESERVED: [&str; 3] = ["document_index", "document_tokens", "document_offsets"];
+
+/// The suffixes of the two tensors a top-k save is stored as (see [`top_k_names`]).
+pub const TOP_K_SUFFIXES: [&str; 2] = [".top_k_values", ".top_k_indices"];
+
+/// The names in the shards of save `save` stored top-k: (`save.top_k_values`: float32 `[rows, k]`,
+/// largest first; `save.top_k_indices`: int64 `[rows, k]`, feature numbers along the last axis).
+pub fn top_k_names(save: &str) -> (String, String) {
+    (
+        format!("{save}{}", TOP_K_SUFFIXES[0]),
+        format!("{save}{}", TOP_K_SUFFIXES[1]),
+    )
+}
+
+/// Whether a save is an SAE's feature activations (what [`CollectOptions::top_k`] applies to).
+pub fn is_feature_acts(save: &str) -> bool {
+    save.ends_with(".sae.feature_acts")
+}
+
+/// An SAE attached during a collection, as [`Manifest::saes`] records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SaeRecord {
+    /// The folder (absolute) or hub spec `org/repo:folder` it was loaded from.
+    pub spec: String,
+    /// The hookpoint it reads (as given, or its cfg.json's `hook_name`).
+    pub hook: String,
+    /// A transcoder's output hookpoint.
+    pub hook_out: Option<String>,
+    /// Whether it was spliced (its reconstruction replaced the hook's value).
+    pub splice: bool,
+    /// sha256 of its `sae_weights.safetensors`.
+    pub weights_sha256: String,
+}
+
+impl std::fmt::Display for SaeRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}={}", self.spec, self.hook)?;
+        if let Some(o) = &self.hook_out {
+            write!(f, "->{o}")?;
+        }
+        if self.splice {
+            f.write_str(" spliced")?;
+        }
+        write!(
+            f,
+            " (weights {})",
+            &self.weights_sha256[..self.weights_sha256.len().min(12)]
+        )
+    }
+}
 
 /// Which token positions of each document a save keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -357,6 +416,16 @@ pub struct Manifest {
     pub tokens: usize,
     /// Whether every record of `record_range` was processed.
     pub finished: bool,
+    /// The sparse autoencoders attached, in order (empty when none).
+    #[serde(default)]
+    pub saes: Vec<SaeRecord>,
+    /// The clamps, as `NAME:INDEX=VALUE`, in order.
+    #[serde(default)]
+    pub clamps: Vec<String>,
+    /// Saves of SAE feature activations keep only the `k` largest features of each row, as
+    /// `SAVE.top_k_values` and `SAVE.top_k_indices` (see [`top_k_names`]).
+    #[serde(default)]
+    pub top_k: Option<usize>,
 }
 
 impl Manifest {
@@ -392,7 +461,15 @@ impl Manifest {
     /// as `(what, self's, other's)`.
     fn differs(&self, other: &Manifest) -> Option<(&'static str, String, String)> {
         let s = |v: &dyn std::fmt::Debug| format!("{v:?}");
-        let checks: [(&str, String, String); 10] = [
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "none".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        let saes = |m: &Manifest| list(&m.saes.iter().map(|r| r.to_string()).collect::<Vec<_>>());
+        let checks: [(&str, String, String); 13] = [
             ("model", self.model.clone(), other.model.clone()),
             (
                 "model type",
@@ -419,6 +496,9 @@ impl Manifest {
                 other.dataset_sha256.clone(),
             ),
             ("JSON field", s(&self.field), s(&other.field)),
+            ("SAEs", saes(self), saes(other)),
+            ("clamps", list(&self.clamps), list(&other.clamps)),
+            ("top-k", s(&self.top_k), s(&other.top_k)),
         ];
         checks.into_iter().find(|(_, a, b)| a != b)
     }
@@ -446,6 +526,15 @@ pub struct CollectOptions {
     pub model_id: String,
     /// The revision asked for (a hub snapshot's commit is recorded when the model is one).
     pub revision: Option<String>,
+    /// Sparse autoencoders or transcoders to attach (in order; [`Attach::splice`] splices one).
+    /// Their hookpoints (`H.sae.feature_acts`, `H.sae.reconstruction`, `H.sae.error`) can then be
+    /// saved.
+    pub saes: Vec<Attach>,
+    /// Values clamped during every forward (applied after the SAEs are attached).
+    pub clamps: Vec<Clamp>,
+    /// Keep only the `k` largest features of each row of every save of SAE feature activations
+    /// (`H.sae.feature_acts`); see the [module documentation](self).
+    pub top_k: Option<usize>,
 }
 
 impl CollectOptions {
@@ -461,6 +550,9 @@ impl CollectOptions {
             progress: false,
             model_id: model.source.display().to_string(),
             revision: None,
+            saes: Vec::new(),
+            clamps: Vec::new(),
+            top_k: None,
         }
     }
 }
@@ -568,6 +660,8 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 /// The shard buffer: values per save, and per-document bookkeeping.
 struct Buffer {
     values: Vec<Vec<f32>>,
+    /// Per save stored top-k: the feature indices.
+    indices: Vec<Vec<i64>>,
     /// Per save: the dimensions after the token dimension.
     rest: Vec<Option<Vec<usize>>>,
     index: Vec<i64>,
@@ -578,6 +672,7 @@ impl Buffer {
     fn new(saves: usize) -> Self {
         Buffer {
             values: vec![Vec::new(); saves],
+            indices: vec![Vec::new(); saves],
             rest: vec![None; saves],
             index: Vec::new(),
             tokens: Vec::new(),
@@ -587,12 +682,20 @@ impl Buffer {
         for v in &mut self.values {
             *v = Vec::new(); // release the memory: shards are the memory bound
         }
+        for v in &mut self.indices {
+            *v = Vec::new();
+        }
         self.index = Vec::new();
         self.tokens = Vec::new();
     }
 }
 
-fn serialize(saves: &[String], buf: &Buffer, positions: Positions) -> Result<Vec<u8>> {
+fn serialize(
+    saves: &[String],
+    top_k: &[Option<usize>],
+    buf: &Buffer,
+    positions: Positions,
+) -> Result<Vec<u8>> {
     use safetensors::tensor::TensorView;
     let docs = buf.index.len();
     let total: usize = buf.tokens.iter().map(|&t| t as usize).sum();
@@ -607,6 +710,22 @@ fn serialize(saves: &[String], buf: &Buffer, positions: Positions) -> Result<Vec
             docs
         }];
         shape.extend(rest);
+        if top_k[i].is_some() {
+            let (vn, inn) = top_k_names(name);
+            owned.push((
+                vn,
+                safetensors::Dtype::F32,
+                shape.clone(),
+                f32_bytes(&buf.values[i]),
+            ));
+            owned.push((
+                inn,
+                safetensors::Dtype::I64,
+                shape,
+                i64_bytes(&buf.indices[i]),
+            ));
+            continue;
+        }
         owned.push((
             name.clone(),
             safetensors::Dtype::F32,
@@ -650,6 +769,37 @@ fn serialize(saves: &[String], buf: &Buffer, positions: Positions) -> Result<Vec
     meta.insert("format".to_string(), FORMAT.to_string());
     meta.insert("positions".to_string(), positions.to_string());
     safetensors::serialize(views, Some(meta)).map_err(|e| Error::Input(e.to_string()))
+}
+
+/// What the manifest records of an attached SAE.
+fn sae_record(a: &Attach) -> Result<SaeRecord> {
+    let sae: &Sae = &a.sae;
+    let hook = a
+        .hook
+        .clone()
+        .or_else(|| sae.hook_name.clone())
+        .ok_or_else(|| {
+            Error::Input(format!(
+                "SAE {}: its cfg.json names no `hook_name`; give the hookpoint (`SPEC=HOOK`)",
+                sae.spec
+            ))
+        })?;
+    let hook_out = if sae.transcoder {
+        a.hook_out.clone().or_else(|| sae.hook_name_out.clone())
+    } else {
+        None
+    };
+    let w = sae.dir.join("sae_weights.safetensors");
+    let mut f = std::fs::File::open(&w).map_err(io_err(&w))?;
+    let mut hash = Sha256::new();
+    std::io::copy(&mut f, &mut hash).map_err(io_err(&w))?;
+    Ok(SaeRecord {
+        spec: sae.spec.clone(),
+        hook,
+        hook_out,
+        splice: a.splice,
+        weights_sha256: format!("{:x}", hash.finalize()),
+    })
 }
 
 /// sha256 of the model's tokenizer.json.
@@ -705,8 +855,28 @@ pub fn collect(
             msg: "refusing to write into the model's folder; choose another folder".into(),
         });
     }
-    // The plan, resolved once for every batch (bad paths fail here, before the corpus is read).
+    if let Some(k) = opts.top_k {
+        if k == 0 {
+            return Err(Error::Input("top-k must be at least 1".into()));
+        }
+        if !opts.saves.iter().any(|s| is_feature_acts(s)) {
+            return Err(Error::Input(format!(
+                "top-k keeps the largest SAE features of each row, but no save is an SAE's feature activations (`H.sae.feature_acts`; saves: {})",
+                opts.saves.join(", ")
+            )));
+        }
+    }
+    // The plan, resolved once for every batch (bad paths fail here, before the corpus is read):
+    // the SAEs, then the clamps (which may edit their features), then the saves.
     let mut pb = model.plan();
+    let mut sae_records = Vec::new();
+    for a in &opts.saes {
+        sae_records.push(sae_record(a)?);
+        pb = pb.sae(a.clone())?;
+    }
+    for c in &opts.clamps {
+        pb = pb.clamp(&c.name, c.index, c.value)?;
+    }
     for s in &opts.saves {
         pb = pb.save(s)?;
     }
@@ -752,6 +922,9 @@ pub fn collect(
         documents: 0,
         tokens: 0,
         finished: false,
+        saes: sae_records,
+        clamps: opts.clamps.iter().map(|c| c.to_string()).collect(),
+        top_k: opts.top_k,
     };
 
     let created_dir = !out.exists();
@@ -893,6 +1066,11 @@ fn run_corpus(
 
     let nsaves = opts.saves.len();
     let mut buf = Buffer::new(nsaves);
+    let top_k: Vec<Option<usize>> = opts
+        .saves
+        .iter()
+        .map(|s| opts.top_k.filter(|_| is_feature_acts(s)))
+        .collect();
     let mut batch: Vec<(usize, Vec<u32>)> = Vec::with_capacity(opts.batch_size);
     // Skip to where this run starts (other shards' records and complete parts), undecoded.
     let mut records = corpus.records()?;
@@ -935,6 +1113,7 @@ fn run_corpus(
                 model,
                 plan,
                 &opts.saves,
+                &top_k,
                 opts.positions,
                 pad,
                 &batch,
@@ -954,7 +1133,7 @@ fn run_corpus(
             let file = part_name(man.parts.len());
             let path = out.join(&file);
             crate::hub::check_output_path(&path, &model.source)?;
-            let bytes = serialize(&opts.saves, &buf, opts.positions)?;
+            let bytes = serialize(&opts.saves, &top_k, &buf, opts.positions)?;
             write_atomic(&path, &bytes)?;
             drop(bytes);
             let tokens: usize = buf.tokens.iter().map(|&t| t as usize).sum();
@@ -991,10 +1170,12 @@ fn shard_str(s: Option<Shard>) -> String {
 
 /// One left-padded forward over `batch`; appends each document's values to `buf`. Returns the
 /// number of real tokens.
+#[allow(clippy::too_many_arguments)]
 fn run_batch(
     model: &Model,
     plan: &Plan,
     saves: &[String],
+    top_k: &[Option<usize>],
     positions: Positions,
     pad: u32,
     batch: &[(usize, Vec<u32>)],
@@ -1024,7 +1205,21 @@ fn run_batch(
                 "`{name}` has shape {dims:?} on a batch of {b} x {t} tokens; collect takes values of shape [batch, tokens, ...] (hidden states, logits, a module's output)"
             )));
         }
-        let rest = dims[2..].to_vec();
+        let mut rest = dims[2..].to_vec();
+        if let Some(kk) = top_k[k] {
+            if rest.len() != 1 {
+                return Err(Error::Input(format!(
+                    "`{name}` has shape {dims:?}; top-k takes values of shape [batch, tokens, features]"
+                )));
+            }
+            if kk > rest[0] {
+                return Err(Error::Input(format!(
+                    "top-k {kk} is more than the {} features of `{name}`",
+                    rest[0]
+                )));
+            }
+            rest = vec![kk];
+        }
         match &buf.rest[k] {
             None => buf.rest[k] = Some(rest),
             Some(r) if *r != rest => {
@@ -1043,6 +1238,12 @@ fn run_batch(
                 Positions::Last => x.narrow(0, l - 1, 1)?,
                 Positions::Mean => x.mean_keepdim(0)?,
             };
+            if let Some(kk) = top_k[k] {
+                let (vals, idx) = Sae::top_k(&x, kk)?;
+                buf.values[k].extend(vals.flatten_all()?.to_vec1::<f32>()?);
+                buf.indices[k].extend(idx.flatten_all()?.to_dtype(DType::I64)?.to_vec1::<i64>()?);
+                continue;
+            }
             buf.values[k].extend(x.flatten_all()?.to_vec1::<f32>()?);
         }
     }

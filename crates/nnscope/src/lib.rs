@@ -45,7 +45,7 @@ pub use error::{nearest, strip_backtrace, Error, HubErrorKind, Result};
 pub use generate::{GenerateOptions, GenerateOutput};
 pub use model::{Input, LoadOptions, Model};
 pub use sae::Sae;
-pub use session::{Attach, PlanBuilder, Trace, TraceOutput};
+pub use session::{Attach, Clamp, PlanBuilder, Trace, TraceOutput};
 pub use trace::{Plan, StepOutput, Steps};
 
 /// What `#[hooked]` code calls at run time. Not a public API.

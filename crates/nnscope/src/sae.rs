@@ -75,6 +75,9 @@ pub enum Normalize {
 pub struct Sae {
     /// Where it was loaded from (a folder).
     pub dir: PathBuf,
+    /// How it was named: the folder (absolute) or the hub spec `org/repo:folder` (what `collect`
+    /// records in its manifest).
+    pub spec: String,
     /// `cfg.json` as read.
     pub cfg: serde_json::Value,
     /// The activation function.
@@ -163,7 +166,9 @@ impl Sae {
                     .map(|f| f.trim_start_matches('/').to_string())
                     .collect();
                 let snap = crate::hub::download_files(repo, &files, opts)?;
-                return Self::load_dir(&snap.join(folder));
+                let mut sae = Self::load_dir(&snap.join(folder))?;
+                sae.spec = spec.to_string();
+                return Ok(sae);
             }
         }
         Err(Error::ModelNotFound {
@@ -358,8 +363,13 @@ impl Sae {
                 "apply_b_dec_to_input needs d_out == d_in",
             ));
         }
+        let spec = std::fs::canonicalize(dir)
+            .unwrap_or_else(|_| dir.to_path_buf())
+            .display()
+            .to_string();
         Ok(Sae {
             dir: dir.to_path_buf(),
+            spec,
             architecture,
             architecture_name: arch_name,
             d_in,

@@ -139,6 +139,76 @@ impl Attach {
         self.splice = yes;
         self
     }
+
+    /// Loads the SAE of a command-line style spec: `SPEC` (a SAELens folder or `org/repo:folder`,
+    /// attached at its cfg.json's hook) or `SPEC=HOOK` (attached at hookpoint `HOOK`). Unspliced.
+    pub fn parse(spec: &str) -> Result<Attach> {
+        let (dir, at) = match spec.split_once('=') {
+            Some((d, p)) if !p.trim().is_empty() && !d.trim().is_empty() => (d, Some(p.trim())),
+            Some(_) => {
+                return Err(Error::Input(format!(
+                    "SAE `{spec}`: expected SPEC or SPEC=HOOK (a SAELens folder or org/repo:folder, then a hookpoint)"
+                )))
+            }
+            None => (spec, None),
+        };
+        let sae = Sae::load(dir.trim())?;
+        let a = Attach::from(sae);
+        Ok(match at {
+            Some(h) => a.at(h),
+            None => a,
+        })
+    }
+}
+
+/// A clamp (`NAME:INDEX=VALUE`): element `index` of the last axis of the value at `name` set to
+/// `value` at every position ([`Requests::clamp`], `.clamp(...)` on every builder).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Clamp {
+    /// The hookpoint (an SAE's `H.sae.feature_acts`, an MLP's neurons, a residual stream).
+    pub name: String,
+    /// Element of its last axis.
+    pub index: usize,
+    /// The value it is set to (finite).
+    pub value: f64,
+}
+
+impl std::str::FromStr for Clamp {
+    type Err = Error;
+    /// Parses `NAME:INDEX=VALUE` (e.g. `layers_output.0.sae.feature_acts:12=5.0`).
+    fn from_str(s: &str) -> Result<Clamp> {
+        let bad = |why: &str| {
+            Error::Input(format!(
+                "clamp `{s}`: {why} (expected NAME:INDEX=VALUE, e.g. layers_output.0.sae.feature_acts:12=5.0)"
+            ))
+        };
+        let (name, rest) = s.rsplit_once(':').ok_or_else(|| bad("no `:`"))?;
+        let (index, value) = rest.split_once('=').ok_or_else(|| bad("no `=`"))?;
+        if name.is_empty() {
+            return Err(bad("no NAME"));
+        }
+        let index = index
+            .trim()
+            .parse::<usize>()
+            .map_err(|_| bad(&format!("`{index}` is not an index")))?;
+        let value = value
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite())
+            .ok_or_else(|| bad(&format!("`{value}` is not a finite number")))?;
+        Ok(Clamp {
+            name: name.to_string(),
+            index,
+            value,
+        })
+    }
+}
+
+impl std::fmt::Display for Clamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}={}", self.name, self.index, self.value)
+    }
 }
 
 /// Which value under an attached SAE's hookpoint.

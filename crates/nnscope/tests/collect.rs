@@ -317,3 +317,239 @@ fn shards_merge_to_the_unsplit_run() {
     assert_eq!(merged["logits"].dims()[0], 10);
     let _ = merged["logits"].argmax(D::Minus1).unwrap();
 }
+
+// ---- Sparse autoencoders: feature activations against the SAE goldens from transformers + torch
+// (`tests/fixtures/llama/saes/res_post_0/golden.safetensors`, on the model golden's prompt).
+
+/// The model golden's prompt, and the SAE golden's tensors.
+fn sae_golden(name: &str) -> (String, HashMap<String, Tensor>) {
+    let bytes = std::fs::read(fixture("llama").join("golden.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let prompt = meta.metadata().clone().unwrap()["prompt"].clone();
+    let g = candle_core::safetensors::load(
+        fixture("llama")
+            .join("saes")
+            .join(name)
+            .join("golden.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    (prompt, g)
+}
+
+fn sae_attach(name: &str) -> nnscope::Attach {
+    nnscope::Attach::parse(fixture("llama").join("saes").join(name).to_str().unwrap()).unwrap()
+}
+
+const FA: &str = "blocks.0.hook_resid_post.sae.feature_acts";
+
+/// The prompt (document 0), a short document and a longer one that starts with the prompt, in one
+/// batch: document 0 is left-padded, and every prompt token's row must equal the golden.
+fn sae_corpus(dir: &Path, prompt: &str) -> Corpus {
+    Corpus::text(write_text(
+        dir,
+        &[
+            prompt.to_string(),
+            "Free software".to_string(),
+            format!("{prompt} You may copy and distribute verbatim copies of this license."),
+        ],
+    ))
+}
+
+/// The `k` largest values of each row of `want` [rows, d] equal `vals` [rows, k] (largest first),
+/// and `want` at each index in `idx` equals the value stored beside it (ties make the indices of
+/// equal values interchangeable, so each index is checked through its value).
+fn top_k_matches(what: &str, vals: &Tensor, idx: &Tensor, want: &Tensor, k: usize) {
+    let want: Vec<Vec<f32>> = want.to_vec2().unwrap();
+    let vals: Vec<Vec<f32>> = vals.to_vec2().unwrap();
+    let idx: Vec<Vec<i64>> = idx.to_vec2().unwrap();
+    assert_eq!(vals.len(), want.len(), "{what}: rows");
+    let scale = want.iter().flatten().fold(1f32, |m, x| m.max(x.abs()));
+    for (r, w) in want.iter().enumerate() {
+        let mut sorted = w.clone();
+        sorted.sort_by(|a, b| b.partial_cmp(a).unwrap());
+        assert_eq!(vals[r].len(), k, "{what}: k");
+        for j in 0..k {
+            assert!(
+                (vals[r][j] - sorted[j]).abs() <= 1e-4 * scale,
+                "{what}: row {r}, top {j}: {} vs golden {}",
+                vals[r][j],
+                sorted[j]
+            );
+            let i = idx[r][j] as usize;
+            assert!(
+                (w[i] - vals[r][j]).abs() <= 1e-4 * scale,
+                "{what}: row {r}: feature {i} is {} in the golden, stored {}",
+                w[i],
+                vals[r][j]
+            );
+        }
+        let mut seen = idx[r].clone();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), k, "{what}: row {r}: repeated indices");
+    }
+}
+
+#[test]
+fn sae_feature_acts_match_the_golden() {
+    let model = load("llama");
+    let (prompt, g) = sae_golden("res_post_0");
+    let golden = g["feature_acts"].get(0).unwrap(); // [T, d_sae]
+    let t = golden.dim(0).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = sae_corpus(tmp.path(), &prompt);
+    for positions in [Positions::All, Positions::Last, Positions::Mean] {
+        let want = match positions {
+            Positions::All => golden.clone(),
+            Positions::Last => golden.narrow(0, t - 1, 1).unwrap(),
+            Positions::Mean => golden.mean_keepdim(0).unwrap(),
+        };
+        // Whole feature activations.
+        let mut opts = CollectOptions::new(&model, &[FA, "layers_output.0"], positions);
+        opts.saes = vec![sae_attach("res_post_0")];
+        opts.batch_size = 3;
+        let out = tmp.path().join(format!("full-{positions}"));
+        collect::collect(&model, &corpus, &out, &opts).unwrap();
+        let (m, v) = read_all(&out);
+        let tokens: Vec<i64> = v["document_tokens"].to_vec1().unwrap();
+        assert_eq!(
+            tokens[0] as usize, t,
+            "the prompt tokenizes as the golden's input"
+        );
+        let rows = want.dim(0).unwrap();
+        close(
+            &format!("{FA} ({positions})"),
+            &v[FA].narrow(0, 0, rows).unwrap(),
+            &want,
+        );
+        // The SAE is recorded.
+        assert_eq!(m.saes.len(), 1);
+        assert_eq!(m.saes[0].hook, "blocks.0.hook_resid_post");
+        assert!(m.saes[0].spec.ends_with("res_post_0"), "{}", m.saes[0].spec);
+        assert!(!m.saes[0].splice);
+        assert_eq!(m.saes[0].weights_sha256.len(), 64);
+        assert_eq!(m.top_k, None);
+
+        // Top-k: two tensors per save, the top 8 of the golden's rows (of its mean for `mean`).
+        let k = 8;
+        let mut opts = opts.clone();
+        opts.top_k = Some(k);
+        let out = tmp.path().join(format!("topk-{positions}"));
+        collect::collect(&model, &corpus, &out, &opts).unwrap();
+        let (m, v) = read_all(&out);
+        assert_eq!(m.top_k, Some(k));
+        let (vn, inn) = collect::top_k_names(FA);
+        assert!(!v.contains_key(FA), "a top-k save is not stored whole");
+        assert!(
+            v.contains_key("layers_output.0"),
+            "other saves are stored whole"
+        );
+        assert_eq!(v[&vn].dtype(), DType::F32);
+        assert_eq!(v[&inn].dtype(), DType::I64);
+        assert_eq!(v[&vn].dims(), v[&inn].dims());
+        assert_eq!(v[&vn].dim(1).unwrap(), k);
+        top_k_matches(
+            &format!("top-{k} ({positions})"),
+            &v[&vn].narrow(0, 0, rows).unwrap(),
+            &v[&inn].narrow(0, 0, rows).unwrap(),
+            &want,
+            k,
+        );
+    }
+}
+
+#[test]
+fn sae_splice_and_clamp_match_the_golden() {
+    let model = load("llama");
+    let (prompt, g) = sae_golden("res_post_0");
+    let t = g["logits"].dim(1).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = sae_corpus(tmp.path(), &prompt);
+    // Spliced.
+    let mut opts = CollectOptions::new(&model, &["logits"], Positions::All);
+    opts.saes = vec![sae_attach("res_post_0").splice(true)];
+    let out = tmp.path().join("spliced");
+    collect::collect(&model, &corpus, &out, &opts).unwrap();
+    let (m, v) = read_all(&out);
+    assert!(m.saes[0].splice);
+    close(
+        "spliced logits",
+        &v["logits"].narrow(0, 0, t).unwrap(),
+        &g["spliced_logits"].get(0).unwrap(),
+    );
+    // One feature clamped, the error term kept.
+    let c: Vec<f32> = g["clamp"].to_vec1().unwrap();
+    let clamp: nnscope::Clamp = format!("{FA}:{}={}", c[0] as usize, c[1]).parse().unwrap();
+    let mut opts = CollectOptions::new(&model, &["logits"], Positions::All);
+    opts.saes = vec![sae_attach("res_post_0")];
+    opts.clamps = vec![clamp.clone()];
+    let out = tmp.path().join("clamped");
+    collect::collect(&model, &corpus, &out, &opts).unwrap();
+    let (m, v) = read_all(&out);
+    assert_eq!(m.clamps, vec![clamp.to_string()]);
+    close(
+        "clamped logits",
+        &v["logits"].narrow(0, 0, t).unwrap(),
+        &g["clamped_logits"].get(0).unwrap(),
+    );
+}
+
+#[test]
+fn sae_resume_refuses_changed_saes() {
+    let model = load("llama");
+    let (prompt, _) = sae_golden("res_post_0");
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = sae_corpus(tmp.path(), &prompt);
+    let mut opts = CollectOptions::new(&model, &[FA], Positions::Last);
+    opts.saes = vec![sae_attach("res_post_0")];
+    let out = tmp.path().join("acts");
+    collect::collect(&model, &corpus, &out, &opts).unwrap();
+    // The same job: resumes (finished, nothing to do).
+    let s = collect::collect(&model, &corpus, &out, &opts).unwrap();
+    assert_eq!(s.new_documents, 0);
+    let refused = |o: &CollectOptions, what: &str| {
+        let e = collect::collect(&model, &corpus, &out, o)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(what), "{e}");
+    };
+    // Another SAE set: one more SAE, spliced, at another hook, none at all (the save then fails
+    // to resolve, before the manifest is compared: also a refusal).
+    let mut more = opts.clone();
+    more.saes.push(sae_attach("topk_post_1"));
+    refused(&more, "different SAEs");
+    let mut spliced = opts.clone();
+    spliced.saes = vec![sae_attach("res_post_0").splice(true)];
+    refused(&spliced, "different SAEs");
+    let mut other_hook = CollectOptions::new(
+        &model,
+        &["layers_output.0.sae.feature_acts"],
+        Positions::Last,
+    );
+    other_hook.saes = vec![sae_attach("res_post_0").at("layers_output.0")];
+    refused(&other_hook, "different");
+    let mut none = opts.clone();
+    none.saes.clear();
+    refused(&none, "no SAE is attached");
+    // Top-k and clamps are part of the job too.
+    let mut topk = opts.clone();
+    topk.top_k = Some(4);
+    refused(&topk, "different top-k");
+    let mut clamped = opts.clone();
+    clamped.clamps = vec![format!("{FA}:3=1.5").parse().unwrap()];
+    refused(&clamped, "different clamps");
+    // Top-k without an SAE save, and a k past the features, are refused with clear errors.
+    let mut bad = CollectOptions::new(&model, &["layers_output.0"], Positions::All);
+    bad.top_k = Some(4);
+    let e = collect::collect(&model, &corpus, &tmp.path().join("bad"), &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no save is an SAE"), "{e}");
+    let mut big = opts.clone();
+    big.top_k = Some(1000);
+    let e = collect::collect(&model, &corpus, &tmp.path().join("big"), &big)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("more than the 256 features"), "{e}");
+}
