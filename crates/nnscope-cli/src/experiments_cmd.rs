@@ -7,9 +7,7 @@ use crate::{
 };
 use candle_core::{DType, Tensor};
 use clap::Args;
-use nnscope::experiments::{
-    attribution, gradients, patching, patchscope, prompts, token_text, top_k,
-};
+use nnscope::experiments::{attribution, gradients, patchscope, prompts, token_text, top_k};
 use nnscope::{hub, Input, Model};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -264,24 +262,13 @@ pub fn grad_cmd(a: GradArgs) -> Result<(), String> {
         names.extend(m.expand_pattern(s).map_err(err)?);
     }
     let wrt: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
-    let ans = nnscope::experiments::first_token(&m, &a.answer).map_err(err)?;
-    let wrong = match &a.wrong {
-        Some(w) => Some(nnscope::experiments::first_token(&m, w).map_err(err)?),
-        None => None,
-    };
-    let g = gradients::gradients(&m, &Input::prompts(&[a.prompt.as_str()]), &wrt, |out| {
-        let logits = out
-            .logits
-            .as_ref()
-            .ok_or_else(|| nnscope::Error::Input("no logits".into()))?;
-        Ok(match wrong {
-            Some(w) => patching::logit_diff(logits, ans, w)?.get(0)?,
-            None => {
-                let t = logits.dim(1)?;
-                logits.get(0)?.get(t - 1)?.get(ans as usize)?
-            }
-        })
-    })
+    let g = gradients::answer_gradients(
+        &m,
+        &Input::prompts(&[a.prompt.as_str()]),
+        &wrt,
+        &a.answer,
+        a.wrong.as_deref(),
+    )
     .map_err(err)?;
     println!("scalar {:+.6}", g.value);
     let mut tensors: HashMap<String, Tensor> = HashMap::new();

@@ -21,6 +21,9 @@ type Array = (Py<PyByteArray>, Vec<usize>, &'static str);
 /// Saved values by name, each hookpoint's values in the order they fired.
 type Saved = Vec<(String, Vec<Array>)>;
 
+/// Arrays by name (an experiment's outputs).
+type Named = Vec<(String, Array)>;
+
 /// The exception class `name` of `nnscope._errors` carrying `msg`.
 fn raise(py: Python<'_>, name: &str, msg: String) -> PyErr {
     let cls = py
@@ -188,6 +191,12 @@ struct Requests {
     steps: Option<(usize, Option<usize>)>,
     /// `nnscope._edit_call(fn, bytearray, shape) -> (bytes, shape)`.
     trampoline: Py<PyAny>,
+    /// SAEs to attach: `SPEC` or `SPEC=HOOK` (parsed and loaded by [`nnscope::Attach::parse`]).
+    sae: Vec<String>,
+    /// Splice every attached SAE.
+    splice: bool,
+    /// Clamps `NAME:INDEX=VALUE` (parsed by [`nnscope::Clamp`]).
+    clamp: Vec<String>,
 }
 
 /// The builders' shared request methods, as a trait so one function fills a plan or a generation.
@@ -209,6 +218,8 @@ trait Builder: Sized {
     ) -> nnscope::Result<Self>;
     fn skip_layers(self, layers: &[usize]) -> nnscope::Result<Self>;
     fn steps(self, a: usize, b: Option<usize>) -> nnscope::Result<Self>;
+    fn sae(self, a: nnscope::Attach) -> nnscope::Result<Self>;
+    fn clamp(self, p: &str, index: usize, value: f64) -> nnscope::Result<Self>;
 }
 
 macro_rules! impl_builder {
@@ -247,6 +258,12 @@ macro_rules! impl_builder {
                     Some(b) => <$t>::steps(self, a, b),
                     None => <$t>::steps_from(self, a),
                 }
+            }
+            fn sae(self, a: nnscope::Attach) -> nnscope::Result<Self> {
+                <$t>::sae(self, a)
+            }
+            fn clamp(self, p: &str, index: usize, value: f64) -> nnscope::Result<Self> {
+                <$t>::clamp(self, p, index, value)
             }
         }
     };
@@ -290,8 +307,8 @@ fn py_edit(
     }
 }
 
-/// Adds every request to a builder, in this order: set, edit, steer, skip_layers, save,
-/// stop_after (each limited to `steps` when given).
+/// Adds every request to a builder, in this order: the SAEs, clamp, set, edit, steer,
+/// skip_layers, save, stop_after (each but the SAEs limited to `steps` when given).
 fn add_requests<B: Builder>(
     py: Python<'_>,
     mut b: B,
@@ -305,6 +322,23 @@ fn add_requests<B: Builder>(
             None => Ok(b),
         }
     };
+    if r.splice && r.sae.is_empty() {
+        return Err(input_err(
+            py,
+            "splice=True splices the attached SAEs: give sae=...".into(),
+        ));
+    }
+    for spec in &r.sae {
+        let a = py
+            .allow_threads(|| nnscope::Attach::parse(spec))
+            .map_err(e)?
+            .splice(r.splice);
+        b = b.sae(a).map_err(e)?;
+    }
+    for c in &r.clamp {
+        let c: nnscope::Clamp = c.parse().map_err(e)?;
+        b = steps(b.clamp(&c.name, c.index, c.value).map_err(e)?).map_err(e)?;
+    }
     for (name, bytes, shape) in &r.set {
         let v =
             f32_tensor(bytes, shape).map_err(|m| input_err(py, format!("set `{name}`: {m}")))?;
@@ -585,6 +619,224 @@ impl NativeModel {
             out.scores.as_ref().map(|s| to_array(py, s)).transpose()?,
             out.stopped,
         ))
+    }
+
+    /// The logit lens (`nnscope::experiments::lens::logit_lens`): (logits [L, B, T, vocab],
+    /// inverse logits or None, last-position probabilities [B, L, vocab], input_ids,
+    /// attention_mask or None).
+    #[pyo3(signature = (prompts, ids, inverse))]
+    #[allow(clippy::type_complexity)]
+    fn logit_lens(
+        &self,
+        py: Python<'_>,
+        prompts: Option<Vec<String>>,
+        ids: Option<IdArrays>,
+        inverse: bool,
+    ) -> PyResult<(Array, Option<Array>, Array, Array, Option<Array>)> {
+        let input = make_input(py, prompts, ids)?;
+        let m = self.inner.clone();
+        let (out, probs) = py
+            .allow_threads(move || {
+                let out = nnscope::experiments::lens::logit_lens(&m, &input, inverse)?;
+                let probs = out.last_probs(false)?;
+                Ok::<_, nnscope::Error>((out, probs))
+            })
+            .map_err(|e| to_py(py, e))?;
+        Ok((
+            to_array(py, &out.logits)?,
+            out.inverse.as_ref().map(|t| to_array(py, t)).transpose()?,
+            to_array(py, &probs)?,
+            to_array(py, &out.input_ids)?,
+            out.attention_mask
+                .as_ref()
+                .map(|t| to_array(py, t))
+                .transpose()?,
+        ))
+    }
+
+    /// Activation and attribution patching (`nnscope::experiments::patching::patch`): the tensors
+    /// under the names `nnscope patch --out` writes, and the corrupt prompt's tokens.
+    #[pyo3(signature = (clean, corrupt, answer, wrong, heads))]
+    fn patch(
+        &self,
+        py: Python<'_>,
+        clean: String,
+        corrupt: String,
+        answer: String,
+        wrong: String,
+        heads: bool,
+    ) -> PyResult<(Named, Vec<String>)> {
+        use nnscope::experiments::patching;
+        let m = self.inner.clone();
+        let (named, tokens) = py
+            .allow_threads(move || {
+                let setup = patching::PatchSetup::new(&clean, &corrupt, &answer, &wrong);
+                let out = patching::patch(&m, &setup, heads)?;
+                Ok::<_, nnscope::Error>((out.named_tensors()?, out.tokens))
+            })
+            .map_err(|e| to_py(py, e))?;
+        let named = named
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), to_array(py, t)?)))
+            .collect::<PyResult<Vec<_>>>()?;
+        Ok((named, tokens))
+    }
+
+    /// nnterp's `patchscope_lens`: next-token probabilities of the target [sources, layers, vocab].
+    #[pyo3(signature = (sources, target, index_to_patch, layers, source_position))]
+    fn patchscope_lens(
+        &self,
+        py: Python<'_>,
+        sources: Vec<String>,
+        target: Option<String>,
+        index_to_patch: i64,
+        layers: Option<Vec<usize>>,
+        source_position: i64,
+    ) -> PyResult<Array> {
+        use nnscope::experiments::patchscope;
+        let m = self.inner.clone();
+        let t = py
+            .allow_threads(move || {
+                let target = match target {
+                    Some(prompt) => patchscope::TargetPrompt {
+                        prompt,
+                        index_to_patch,
+                    },
+                    None => patchscope::TargetPrompt::default(),
+                };
+                let s: Vec<&str> = sources.iter().map(String::as_str).collect();
+                patchscope::patchscope_lens(&m, &s, &target, layers.as_deref(), source_position)
+            })
+            .map_err(|e| to_py(py, e))?;
+        to_array(py, &t)
+    }
+
+    /// nnterp's `patchscope_generate`: the target's greedy continuation per source.
+    #[pyo3(signature = (sources, target, index_to_patch, layer, source_position, max_new_tokens))]
+    #[allow(clippy::too_many_arguments)]
+    fn patchscope_generate(
+        &self,
+        py: Python<'_>,
+        sources: Vec<String>,
+        target: Option<String>,
+        index_to_patch: i64,
+        layer: usize,
+        source_position: i64,
+        max_new_tokens: usize,
+    ) -> PyResult<Vec<String>> {
+        use nnscope::experiments::patchscope;
+        let m = self.inner.clone();
+        py.allow_threads(move || {
+            let target = match target {
+                Some(prompt) => patchscope::TargetPrompt {
+                    prompt,
+                    index_to_patch,
+                },
+                None => patchscope::TargetPrompt::default(),
+            };
+            let s: Vec<&str> = sources.iter().map(String::as_str).collect();
+            patchscope::patchscope_generate(&m, &s, &target, layer, source_position, max_new_tokens)
+        })
+        .map_err(|e| to_py(py, e))
+    }
+
+    /// Direct logit attribution: (parts as (name, contribution), bias, logit_diff, scale,
+    /// residual_error).
+    #[pyo3(signature = (prompts, ids, answer, wrong, heads))]
+    #[allow(clippy::type_complexity)]
+    fn direct_logit_attribution(
+        &self,
+        py: Python<'_>,
+        prompts: Option<Vec<String>>,
+        ids: Option<IdArrays>,
+        answer: String,
+        wrong: String,
+        heads: bool,
+    ) -> PyResult<(Vec<(String, f32)>, f32, f32, f32, f32)> {
+        let input = make_input(py, prompts, ids)?;
+        let m = self.inner.clone();
+        let a = py
+            .allow_threads(move || {
+                nnscope::experiments::attribution::direct_logit_attribution(
+                    &m, &input, &answer, &wrong, heads,
+                )
+            })
+            .map_err(|e| to_py(py, e))?;
+        Ok((a.parts, a.bias, a.logit_diff, a.scale, a.residual_error))
+    }
+
+    /// Gradients of the answer's last-position logit (minus the wrong answer's) with respect to
+    /// each of `wrt`: (the scalar, [(name, gradient)]).
+    #[pyo3(signature = (prompts, ids, wrt, answer, wrong))]
+    fn gradients(
+        &self,
+        py: Python<'_>,
+        prompts: Option<Vec<String>>,
+        ids: Option<IdArrays>,
+        wrt: Vec<String>,
+        answer: String,
+        wrong: Option<String>,
+    ) -> PyResult<(f64, Named)> {
+        let input = make_input(py, prompts, ids)?;
+        let m = self.inner.clone();
+        let (value, grads) = py
+            .allow_threads(move || {
+                let mut names = Vec::new();
+                for w in &wrt {
+                    names.extend(m.expand_pattern(w)?);
+                }
+                let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+                let g = nnscope::experiments::gradients::answer_gradients(
+                    &m,
+                    &input,
+                    &refs,
+                    &answer,
+                    wrong.as_deref(),
+                )?;
+                let grads: Vec<(String, Tensor)> =
+                    g.grads.into_iter().map(|(n, _, grad)| (n, grad)).collect();
+                Ok::<_, nnscope::Error>((g.value, grads))
+            })
+            .map_err(|e| to_py(py, e))?;
+        let grads = grads
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), to_array(py, t)?)))
+            .collect::<PyResult<Vec<_>>>()?;
+        Ok((value, grads))
+    }
+
+    /// nnterp's `run_prompts`: per category, the target tokens' probability [P] (or [P, layers]).
+    #[pyo3(signature = (prompts, categories, per_layer))]
+    fn run_prompts(
+        &self,
+        py: Python<'_>,
+        prompts: Vec<String>,
+        categories: Vec<(String, Vec<String>)>,
+        per_layer: bool,
+    ) -> PyResult<Named> {
+        use nnscope::experiments::prompts as pr;
+        let m = self.inner.clone();
+        let res = py
+            .allow_threads(move || {
+                let words: Vec<Vec<&str>> = categories
+                    .iter()
+                    .map(|(_, w)| w.iter().map(String::as_str).collect())
+                    .collect();
+                let cats: Vec<(&str, &[&str])> = categories
+                    .iter()
+                    .zip(&words)
+                    .map(|((c, _), w)| (c.as_str(), w.as_slice()))
+                    .collect();
+                let ps = prompts
+                    .iter()
+                    .map(|p| pr::Prompt::from_words(&m, p, &cats))
+                    .collect::<nnscope::Result<Vec<_>>>()?;
+                pr::run_prompts(&m, &ps, per_layer)
+            })
+            .map_err(|e| to_py(py, e))?;
+        res.iter()
+            .map(|(n, t)| Ok((n.clone(), to_array(py, t)?)))
+            .collect()
     }
 
     fn __repr__(&self) -> String {

@@ -9,6 +9,17 @@ standard names (``layers_output.3``, ``attention_probabilities.0``, ``logits``, 
     out = model.trace("The quick brown fox", save=["attention_probabilities.*", "logits"])
     out["attention_probabilities.0"].shape      # (1, heads, tokens, tokens), numpy float32
 
+Sparse autoencoders (SAELens folders or ``org/repo:folder``) attach with ``sae=``; their values are
+hookpoints under the hook (``H.sae.feature_acts``, ``H.sae.reconstruction``, ``H.sae.error``)::
+
+    sae = "tests/fixtures/llama/saes/res_post_0"          # hook_name: blocks.0.hook_resid_post
+    out = model.trace("The quick brown fox", sae=sae,
+                      save="blocks.0.hook_resid_post.sae.feature_acts",
+                      clamp="blocks.0.hook_resid_post.sae.feature_acts:12=5.0")
+
+The experiments (logit lens, activation patching, patchscopes, direct logit attribution,
+gradients, target-token probabilities) are methods of :class:`Model` returning numpy arrays.
+
 Arrays come back as numpy arrays (float32; token ids int64); torch users can wrap them with
 ``torch.from_numpy`` without a copy. Inputs accept numpy arrays, torch tensors, or anything
 ``numpy.asarray`` takes. The GIL is released while a forward runs, so Python threads can trace one
@@ -18,6 +29,7 @@ model at once.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -29,6 +41,9 @@ __all__ = [
     "Model",
     "TraceOutput",
     "GenerateOutput",
+    "LensOutput",
+    "PatchOutput",
+    "Attribution",
     "find_attention_probabilities",
     "keep_freed_memory",
     "Error",
@@ -48,6 +63,14 @@ EditFn = Callable[[np.ndarray], ArrayLike]
 #: A steering request: ``{"layers": [int, ...], "vector": array [hidden], "factor": float = 1.0,
 #: "positions": [int, ...] | None}``.
 Steer = Mapping[str, Any]
+#: An SAE to attach: a SAELens folder (``cfg.json`` + ``sae_weights.safetensors``) or a hub spec
+#: ``"org/repo:folder"``, attached at its cfg.json's ``hook_name``; ``"SPEC=HOOK"`` attaches it at
+#: hookpoint ``HOOK`` instead (a standard name, a TransformerLens name or any path).
+SaeSpec = Union[str, "os.PathLike[str]"]
+#: A clamp: ``"NAME:INDEX=VALUE"`` or ``(name, index, value)``: element ``index`` of the last axis
+#: of the value at ``name`` set to ``value`` at every position (an SAE feature, an MLP neuron, a
+#: residual dimension).
+ClampSpec = Union[str, Tuple[str, int, float]]
 
 
 def _to_numpy(x: ArrayLike, dtype: Any) -> np.ndarray:
@@ -123,6 +146,41 @@ def _names(save: Union[str, Sequence[str], None], num_layers: int) -> List[str]:
     return out
 
 
+def _saes(sae: Union[SaeSpec, Sequence[SaeSpec], None]) -> List[str]:
+    if sae is None:
+        return []
+    if isinstance(sae, (str, os.PathLike)):
+        sae = [sae]
+    out = []
+    for s in sae:
+        if not isinstance(s, (str, os.PathLike)):
+            raise InputError(f"sae takes a path, a hub spec org/repo:folder, or a list of them; got {type(s).__name__}")
+        out.append(os.fspath(s))
+    return out
+
+
+def _clamps(clamp: Union[ClampSpec, Sequence[ClampSpec], None]) -> List[str]:
+    """Clamps as ``NAME:INDEX=VALUE`` strings (parsed, and checked, by the Rust library)."""
+    if clamp is None:
+        return []
+    if isinstance(clamp, str) or (
+        isinstance(clamp, tuple) and len(clamp) == 3 and isinstance(clamp[0], str)
+    ):
+        clamp = [clamp]
+    out = []
+    for c in clamp:
+        if isinstance(c, str):
+            out.append(c)
+        elif isinstance(c, (tuple, list)) and len(c) == 3:
+            name, index, value = c
+            out.append(f"{name}:{int(index)}={float(value)!r}")
+        else:
+            raise InputError(
+                'clamp takes "NAME:INDEX=VALUE", (name, index, value), or a list of them'
+            )
+    return out
+
+
 def _steers(steer: Union[Steer, Sequence[Steer], None]) -> list:
     if steer is None:
         return []
@@ -180,6 +238,54 @@ class GenerateOutput(Dict[str, np.ndarray]):
     prompt_len: int
     scores: Optional[np.ndarray]
     stopped: bool
+
+
+class LensOutput(Dict[str, np.ndarray]):
+    """What :meth:`Model.logit_lens` produced, as numpy arrays:
+
+    - ``logits``: float32 [layers, batch, tokens, vocab], each layer's output through the model's
+      own final norm and head;
+    - ``probs``: float32 [batch, layers, vocab], the softmax at each row's last position (nnterp's
+      ``logit_lens`` return value);
+    - ``inverse``: float32 [layers, batch, tokens, vocab], ``lm_head(-ln_final(h))`` (nnterp's
+      inverse logits), with ``inverse=True`` only;
+    - ``input_ids``: int64 [batch, tokens]; ``attention_mask``: int64 [batch, tokens], when there
+      is one.
+    """
+
+
+class PatchOutput(Dict[str, np.ndarray]):
+    """What :meth:`Model.patch` measured, under the names ``nnscope patch --out`` writes:
+    ``clean_ids``, ``corrupt_ids`` (int64 [1, T]), ``answer_wrong`` (int64 [2]: the answers' first
+    tokens), ``clean_metric``, ``corrupt_metric`` (float32 [1]: the logit difference),
+    ``resid`` (float32 [layers, T]: the metric with ``layers_output.L`` at one position patched
+    from the clean run), ``resid_attribution`` (float32 [layers, T]: attribution patching), and
+    with ``heads=True`` ``heads`` and ``heads_attribution`` (float32 [layers, heads]).
+
+    Attributes:
+        tokens: the corrupt prompt's tokens as text (axis labels).
+    """
+
+    tokens: List[str]
+
+
+class Attribution(Dict[str, float]):
+    """Direct logit attribution (:meth:`Model.direct_logit_attribution`): a dict from each part
+    (``embeddings``, then per layer ``attention.L`` or ``head.L.H`` and ``attention_bias.L``, and
+    ``mlp.L``) to its contribution to the logit difference, in order.
+
+    Attributes:
+        bias: the final norm's and the head's biases, projected.
+        logit_diff: the model's ``logits[last, answer] - logits[last, wrong]`` (equals the sum of
+            the parts and ``bias``).
+        scale: the final norm's frozen scale.
+        residual_error: how exactly the parts decompose the final residual (relative).
+    """
+
+    bias: float
+    logit_diff: float
+    scale: float
+    residual_error: float
 
 
 def _saved_into(out: dict, saved: list) -> None:
@@ -298,6 +404,9 @@ class Model:
         stop_after: Optional[str] = None,
         steer: Union[Steer, Sequence[Steer], None] = None,
         skip_layers: Optional[Sequence[int]] = None,
+        sae: Union[SaeSpec, Sequence[SaeSpec], None] = None,
+        splice: bool = False,
+        clamp: Union[ClampSpec, Sequence[ClampSpec], None] = None,
     ) -> TraceOutput:
         """Runs the model once and returns what ``save`` asked for.
 
@@ -321,9 +430,20 @@ class Model:
                 or a list of them: adds ``factor * vector`` to those layers' outputs (nnterp's
                 ``steer``).
             skip_layers: layers made the identity (nnterp's ``skip_layer``).
+            sae: sparse autoencoders or transcoders to attach: a SAELens folder, a hub spec
+                ``"org/repo:folder"``, or ``"SPEC=HOOK"`` to attach at another hookpoint; or a list
+                of them. Each adds ``HOOK.sae.feature_acts`` [batch, tokens, d_sae] (writable:
+                ``set``/``edit``/``clamp`` it, the reconstruction error kept),
+                ``HOOK.sae.reconstruction`` and ``HOOK.sae.error`` to what ``save`` takes;
+                attaching alone changes nothing downstream.
+            splice: replace each attached SAE's hook value (a transcoder's output hook) by its
+                reconstruction (TransformerLens' ``run_with_saes``).
+            clamp: ``"NAME:INDEX=VALUE"`` or ``(name, index, value)``, or a list of them: element
+                INDEX of NAME's last axis set to VALUE at every position (an SAE feature, an MLP
+                neuron, a residual dimension); as ``nnscope run --clamp``.
 
-        Requests are applied in this order: ``set``, ``edit``, ``steer``, ``skip_layers``, then
-        ``save`` (so a save sees the edited value) and ``stop_after``.
+        Requests are applied in this order: ``sae``, ``clamp``, ``set``, ``edit``, ``steer``,
+        ``skip_layers``, then ``save`` (so a save sees the edited value) and ``stop_after``.
 
         Returns:
             A :class:`TraceOutput`: each requested name to a float32 numpy array.
@@ -338,7 +458,9 @@ class Model:
         native_saves = [n for n in names if n != "next_token_probs"]
         if "next_token_probs" in names and "logits" not in native_saves:
             native_saves.append("logits")
-        req = self._requests(native_saves, set, edit, stop_after, steer, skip_layers, None)
+        req = self._requests(
+            native_saves, set, edit, stop_after, steer, skip_layers, None, sae, splice, clamp
+        )
         saved, logits, ids_out, mask_out = self._m.trace(prompts, ids, req)
         got: Dict[str, np.ndarray] = {}
         _saved_into(got, saved)
@@ -379,6 +501,9 @@ class Model:
         steer: Union[Steer, Sequence[Steer], None] = None,
         skip_layers: Optional[Sequence[int]] = None,
         steps: Optional[Tuple[int, Optional[int]]] = None,
+        sae: Union[SaeSpec, Sequence[SaeSpec], None] = None,
+        splice: bool = False,
+        clamp: Union[ClampSpec, Sequence[ClampSpec], None] = None,
     ) -> GenerateOutput:
         """Generates tokens with the key/value cache, serving the requests at every step.
 
@@ -390,8 +515,9 @@ class Model:
                 warpers in that order.
             seed: seed of the sampler (the same seed gives the same tokens).
             ignore_eos: keep generating after end-of-sequence tokens.
-            save, set, edit, stop_after, steer, skip_layers: as in :meth:`trace`, at every step; a
-                save keeps one value per step, named ``NAME@STEP``.
+            save, set, edit, stop_after, steer, skip_layers, sae, splice, clamp: as in
+                :meth:`trace`, at every step; a save keeps one value per step, named
+                ``NAME@STEP``.
             steps: ``(start, end)`` (end excluded) or ``(start, None)``: limit every request to
                 those steps (nnsight's ``tracer.iter[start:end]``). Step 0 is the prompt's forward.
 
@@ -410,7 +536,9 @@ class Model:
             if len(steps) != 2:
                 raise InputError("steps takes (start, end) or (start, None)")
             steps = (int(steps[0]), None if steps[1] is None else int(steps[1]))
-        req = self._requests(names, set, edit, stop_after, steer, skip_layers, steps)
+        req = self._requests(
+            names, set, edit, stop_after, steer, skip_layers, steps, sae, splice, clamp
+        )
         saved, output_ids, texts, prompt_len, scores, stopped = self._m.generate(
             prompts, ids, req, int(max_new_tokens), temperature, top_k, top_p, seed,
             bool(ignore_eos),
@@ -423,6 +551,190 @@ class Model:
         out.scores = None if scores is None else _array(scores)
         out.stopped = stopped
         return out
+
+    # Experiments (nnscope::experiments): the Rust library computes, these convert.
+
+    def logit_lens(
+        self,
+        prompt: Union[str, Sequence[str], None] = None,
+        *,
+        input_ids: Optional[ArrayLike] = None,
+        attention_mask: Optional[ArrayLike] = None,
+        inverse: bool = False,
+    ) -> LensOutput:
+        """The logit lens: every layer's output read through the model's own final norm and output
+        head (``nnscope lens``; matches transformers within 1e-4 relative on the fixtures).
+
+        Args:
+            prompt: a prompt or a list of prompts (left-padded), or ``input_ids`` [batch, tokens]
+                (with an optional ``attention_mask``).
+            inverse: also compute nnterp's inverse logits ``lm_head(-ln_final(h))``.
+
+        Returns:
+            A :class:`LensOutput`: ``logits`` [layers, batch, tokens, vocab], ``probs`` [batch,
+            layers, vocab] (last position), ``inverse`` (when asked), ``input_ids``,
+            ``attention_mask``.
+        """
+        prompts, ids = self._input(prompt, input_ids, attention_mask, None)
+        logits, inv, probs, ids_out, mask = self._m.logit_lens(prompts, ids, bool(inverse))
+        out = LensOutput()
+        out["logits"] = _array(logits)
+        out["probs"] = _array(probs)
+        if inv is not None:
+            out["inverse"] = _array(inv)
+        out["input_ids"] = _array(ids_out)
+        if mask is not None:
+            out["attention_mask"] = _array(mask)
+        return out
+
+    def patch(
+        self, clean: str, corrupt: str, answer: str, wrong: str, *, heads: bool = False
+    ) -> PatchOutput:
+        """Activation and attribution patching (TransformerLens' ``patching.py``; ``nnscope
+        patch``): the metric is ``logits[last, answer] - logits[last, wrong]`` (first tokens of
+        each answer).
+
+        Args:
+            clean: the prompt values are taken from.
+            corrupt: the prompt that is patched (same number of tokens as ``clean``).
+            answer, wrong: the right and the wrong answer (their first tokens count).
+            heads: also patch each attention head's output (``heads``, ``heads_attribution``).
+
+        Returns:
+            A :class:`PatchOutput` (``resid`` [layers, tokens], ...), with ``.tokens``.
+
+        Raises:
+            InputError: prompts of different token lengths, an answer without tokens.
+        """
+        named, tokens = self._m.patch(str(clean), str(corrupt), str(answer), str(wrong), bool(heads))
+        out = PatchOutput()
+        for n, a in named:
+            out[n] = _array(a)
+        out.tokens = list(tokens)
+        return out
+
+    def patchscope_lens(
+        self,
+        sources: Union[str, Sequence[str]],
+        *,
+        target: Optional[str] = None,
+        index_to_patch: int = -1,
+        layers: Optional[Sequence[int]] = None,
+        source_position: int = -1,
+    ) -> np.ndarray:
+        """nnterp's ``patchscope_lens``: for each source prompt and layer L, the source's
+        ``layers_output.L`` at ``source_position`` written into the target prompt at
+        ``index_to_patch`` and layer L.
+
+        Args:
+            sources: a prompt or a list of prompts.
+            target: the target prompt (default nnterp's ``repeat_prompt``:
+                ``"king king\n1135 1135\nhello hello\n?"``, its last token patched).
+            index_to_patch: the target position (negative counts from the end).
+            layers: which layers (default every layer).
+            source_position: the source position (negative counts from the end).
+
+        Returns:
+            float32 [sources, layers, vocab]: the target's next-token probabilities.
+        """
+        sources = [sources] if isinstance(sources, str) else list(sources)
+        layers = None if layers is None else [int(l) for l in layers]
+        return _array(
+            self._m.patchscope_lens(
+                sources, target, int(index_to_patch), layers, int(source_position)
+            )
+        )
+
+    def patchscope_generate(
+        self,
+        sources: Union[str, Sequence[str]],
+        layer: int,
+        *,
+        target: Optional[str] = None,
+        index_to_patch: int = -1,
+        source_position: int = -1,
+        max_new_tokens: int = 8,
+    ) -> List[str]:
+        """nnterp's ``patchscope_generate``: the target's greedy continuation with each source's
+        ``layers_output.layer`` (at ``source_position``) written into it. One text per source."""
+        sources = [sources] if isinstance(sources, str) else list(sources)
+        return list(
+            self._m.patchscope_generate(
+                sources, target, int(index_to_patch), int(layer), int(source_position),
+                int(max_new_tokens),
+            )
+        )
+
+    def direct_logit_attribution(
+        self,
+        prompt: Optional[str] = None,
+        answer: str = "",
+        wrong: str = "",
+        *,
+        input_ids: Optional[ArrayLike] = None,
+        heads: bool = False,
+    ) -> Attribution:
+        """Direct logit attribution of ``logits[last, answer] - logits[last, wrong]`` on the
+        prompt (row 0): the final residual split into embeddings, attention (per head with
+        ``heads=True``) and MLP outputs, each projected with the final norm's scale frozen
+        (``nnscope dla``).
+
+        Returns:
+            An :class:`Attribution`: part -> contribution, with ``.bias``, ``.logit_diff``,
+            ``.scale`` and ``.residual_error``.
+        """
+        prompts, ids = self._input(prompt, input_ids, None, None)
+        parts, bias, diff, scale, err = self._m.direct_logit_attribution(
+            prompts, ids, str(answer), str(wrong), bool(heads)
+        )
+        out = Attribution()
+        for n, v in parts:
+            out[n] = float(v)
+        out.bias, out.logit_diff, out.scale, out.residual_error = bias, diff, scale, err
+        return out
+
+    def gradients(
+        self,
+        prompt: Optional[str] = None,
+        wrt: Union[str, Sequence[str]] = (),
+        answer: str = "",
+        wrong: Optional[str] = None,
+        *,
+        input_ids: Optional[ArrayLike] = None,
+    ) -> Dict[str, np.ndarray]:
+        """Gradients of ``logits[0, last, answer]`` (minus ``wrong``'s when given; first tokens)
+        with respect to each hookpoint in ``wrt`` (standard names or paths, ``*`` patterns),
+        through candle's autograd (``nnscope grad``).
+
+        Returns:
+            name -> float32 gradient (same shape as the value), plus ``"value"``: the scalar
+            (a 0-d float64 array).
+        """
+        wrt = [wrt] if isinstance(wrt, str) else list(wrt)
+        prompts, ids = self._input(prompt, input_ids, None, None)
+        value, grads = self._m.gradients(prompts, ids, wrt, str(answer), wrong)
+        out: Dict[str, np.ndarray] = {n: _array(a) for n, a in grads}
+        out["value"] = np.array(value, dtype=np.float64)
+        return out
+
+    def run_prompts(
+        self,
+        prompts: Union[str, Sequence[str]],
+        targets: Mapping[str, Sequence[str]],
+        *,
+        per_layer: bool = False,
+    ) -> Dict[str, np.ndarray]:
+        """nnterp's ``run_prompts``: for each category of ``targets`` (name -> words; a word's
+        tokens are the first token of ``word`` and of ``" " + word``), the probability of its
+        tokens at each prompt's last position (``nnscope prompts``).
+
+        Returns:
+            category -> float32 [prompts], or [prompts, layers] through the logit lens with
+            ``per_layer=True``.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        cats = [(str(k), [str(w) for w in v]) for k, v in targets.items()]
+        return {n: _array(a) for n, a in self._m.run_prompts(prompts, cats, bool(per_layer))}
 
     # Helpers.
 
@@ -451,6 +763,9 @@ class Model:
         steer: Any,
         skip_layers: Optional[Sequence[int]],
         steps: Optional[Tuple[int, Optional[int]]],
+        sae: Any = None,
+        splice: bool = False,
+        clamp: Any = None,
     ) -> dict:
         sets = [(k, *_floats(k, v)) for k, v in (set or {}).items()]
         edits = []
@@ -467,6 +782,9 @@ class Model:
             "skip_layers": [int(l) for l in (skip_layers or [])],
             "steps": steps,
             "trampoline": _edit_call,
+            "sae": _saes(sae),
+            "splice": bool(splice),
+            "clamp": _clamps(clamp),
         }
 
 

@@ -85,6 +85,33 @@ pub fn gradients(
     gradients_with(model, input, wrt, Ok, scalar)
 }
 
+/// [`gradients`] of the answer's logit at the last position of row 0
+/// (`logits[0, last, first token of answer]`), minus the wrong answer's when `wrong` is given
+/// (`nnscope grad --answer --wrong`).
+pub fn answer_gradients(
+    model: &Model,
+    input: &Input,
+    wrt: &[&str],
+    answer: &str,
+    wrong: Option<&str>,
+) -> Result<Gradients> {
+    let a = super::first_token(model, answer)?;
+    let w = wrong.map(|w| super::first_token(model, w)).transpose()?;
+    gradients(model, input, wrt, |out| {
+        let logits = out
+            .logits
+            .as_ref()
+            .ok_or_else(|| Error::Input("the trace stopped before the logits".into()))?;
+        Ok(match w {
+            Some(w) => super::patching::logit_diff(logits, a, w)?.get(0)?,
+            None => {
+                let t = logits.dim(1)?;
+                logits.get(0)?.get(t - 1)?.get(a as usize)?
+            }
+        })
+    })
+}
+
 /// [`gradients`], with `extra` adding requests (saves, edits, ...) to the trace before it runs.
 pub fn gradients_with<'m>(
     model: &'m Model,
