@@ -6,6 +6,8 @@ One measurement per process, so that the peak resident memory printed belongs to
   python bench_py.py --mode generate|nnsight-generate --model DIR --batch B --tokens T --new N
     (greedy generate() with the KV cache, exactly N new tokens; nnsight-generate saves every
     layer's output at every step through tracer.all(); both also time N = 1: time to first token)
+--dtype float32|bfloat16 (default float32): the checkpoint is loaded with `dtype=` that type (eager
+and nnsight alike), or the matmul operands are made of it; every JSON line carries it.
 Prints one JSON line per measurement. Threads: --threads (default 2) -> torch.set_num_threads.
 """
 
@@ -92,20 +94,22 @@ def main():
     torch.manual_seed(0)
     common = {"threads": a.threads, "torch": torch.__version__}
 
+    if a.dtype not in ("float32", "bfloat16"):
+        sys.exit(f"--dtype: float32 or bfloat16, not {a.dtype}")
+    dtype = getattr(torch, a.dtype)
     if a.mode == "matmul":
         for n in [int(s) for s in a.sizes.split(",")]:
-            x = torch.randn(n, n)
-            w = torch.randn(n, n)
+            x = torch.randn(n, n).to(dtype)
+            w = torch.randn(n, n).to(dtype)
             # x @ w.T: the product torch.nn.Linear computes.
             mn, med = timeit(lambda: torch.nn.functional.linear(x, w), a.warmup, a.iters)
             gflops = 2 * n**3 / 1e9 / (mn / 1e3)
             print(json.dumps({"contender": "torch", "mode": "matmul", "n": n, "min_ms": mn, "median_ms": med,
-                              "gflops": gflops, **common}), flush=True)
+                              "gflops": gflops, "dtype": a.dtype, **common}), flush=True)
         return
 
     import transformers
 
-    dtype = getattr(torch, a.dtype)
     t0 = time.perf_counter()
     hf = transformers.AutoModelForCausalLM.from_pretrained(a.model, attn_implementation="eager", dtype=dtype)
     hf.eval()

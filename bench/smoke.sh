@@ -22,6 +22,11 @@ cargo build --release -p nnscope --example bench
 check "$BIN" --mode matmul --sizes 64,256 --warmup 1 --iters 3
 check "$BIN" --mode plain --model "$FIX" --batch 1 --tokens 16 --warmup 1 --iters 5
 check "$BIN" --mode traced --model "$FIX" --batch 1 --tokens 16 --warmup 1 --iters 5
+# What run.sh also times: bfloat16 (matmul and forwards) and the forced candle kernel.
+check "$BIN" --mode matmul --sizes 64 --warmup 1 --iters 2 --dtype bf16
+check "$BIN" --mode plain --model "$FIX" --batch 1 --tokens 16 --warmup 1 --iters 2 --dtype bf16
+check "$BIN" --mode traced --model "$FIX" --batch 1 --tokens 16 --warmup 1 --iters 2 --dtype bf16
+check env NNSCOPE_GEMM=candle "$BIN" --mode plain --model "$FIX" --batch 1 --tokens 16 --warmup 1 --iters 2
 check "$BIN" --mode traced --model "$ROOT/tests/fixtures/gpt2" --batch 2 --tokens 8 --warmup 1 --iters 3
 check "$BIN" --mode generate --model "$FIX" --batch 2 --tokens 8 --new 4 --warmup 1 --iters 2
 check "$BIN" --mode generate-traced --model "$ROOT/tests/fixtures/gpt2" --batch 2 --tokens 8 --new 4 --warmup 1 --iters 2

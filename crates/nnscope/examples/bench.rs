@@ -20,7 +20,8 @@
 //! The JSON line carries min/median milliseconds (wall clock, and `cpu_*`: CPU time of the whole
 //! process, which with `RAYON_NUM_THREADS=1` measures the work done even on a loaded machine), the
 //! peak resident memory of this process
-//! (`VmHWM`), whether the instrumentation was compiled in, and the GEMM backend.
+//! (`VmHWM`), whether the instrumentation was compiled in, the GEMM backend of the run's dtype, and
+//! `gemm_forced` (the `NNSCOPE_GEMM` setting, if any).
 
 use candle_core::{DType, Device, Tensor};
 use nnscope::{Input, LoadOptions, Model};
@@ -171,14 +172,15 @@ fn instrumented() -> bool {
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let a = parse_args()?;
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into());
-    let backend = nnscope::nn::gemm_backend();
+    // The kernel `Linear` uses for this dtype (bfloat16 has its own; `NNSCOPE_GEMM=candle` forces
+    // candle's kernel for both).
+    let backend = if a.dtype == DType::BF16 {
+        nnscope::nn::gemm_backend_bf16()
+    } else {
+        nnscope::nn::gemm_backend()
+    };
     if a.mode == "matmul" {
         // The matrix multiply `Linear` uses, on square matrices of `--dtype` (default float32).
-        let backend = if a.dtype == DType::BF16 {
-            nnscope::nn::gemm_backend_bf16()
-        } else {
-            backend
-        };
         let dt = format!("{:?}", a.dtype);
         for &n in &a.sizes {
             let x = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?.to_dtype(a.dtype)?;
@@ -315,8 +317,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         (a, b) => a.or(b),
     });
     let fwd_rss = num(if reset { fwd_peak } else { None });
+    // `NNSCOPE_GEMM` as set for this process (bench/run.sh sets `candle` to time the default build
+    // without a system library), so the report can tell those rows apart.
+    let forced = match std::env::var("NNSCOPE_GEMM") {
+        Ok(v) if !v.trim().is_empty() => format!("\"{}\"", v.trim().replace(['"', '\\'], "")),
+        _ => "null".into(),
+    };
     println!(
-        "{{\"contender\":\"nnscope\",\"mode\":\"{}\",\"model\":\"{}\",\"batch\":{},\"tokens\":{},\"iters\":{},\"min_ms\":{mn:.3},\"median_ms\":{med:.3},\"peak_rss_mib\":{rss},\"forward_peak_rss_mib\":{fwd_rss},\"load_ms\":{load_ms:.1},\"instrumented\":{},\"threads\":\"{threads}\",\"backend\":\"{backend}\",\"dtype\":\"{:?}\",\"cpu_min_ms\":{cmin:.3},\"cpu_median_ms\":{cmed:.3}{first}}}",
+        "{{\"contender\":\"nnscope\",\"mode\":\"{}\",\"model\":\"{}\",\"batch\":{},\"tokens\":{},\"iters\":{},\"min_ms\":{mn:.3},\"median_ms\":{med:.3},\"peak_rss_mib\":{rss},\"forward_peak_rss_mib\":{fwd_rss},\"load_ms\":{load_ms:.1},\"instrumented\":{},\"threads\":\"{threads}\",\"backend\":\"{backend}\",\"dtype\":\"{:?}\",\"cpu_min_ms\":{cmin:.3},\"cpu_median_ms\":{cmed:.3},\"gemm_forced\":{forced}{first}}}",
         a.mode,
         a.model.replace('\\', "\\\\").replace('"', "\\\""),
         a.batch,
