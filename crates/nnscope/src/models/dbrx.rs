@@ -241,7 +241,10 @@ impl DbrxAttention {
         let value_states = repeat_kv(&value_states, self.num_key_value_groups)?;
 
         // 5.24 multiplies by `scaling` (4.x divided by sqrt(head_dim)); the goldens come from 5.24.
-        let mut attn_weights = (query_states.matmul(&key_states.transpose(2, 3)?)? * self.scaling)?;
+        let mut attn_weights = nn::ops::scale(
+            &query_states.matmul(&key_states.transpose(2, 3)?)?,
+            self.scaling,
+        )?;
         if let Some(causal_mask) = attention_mask {
             attn_weights = nn::ops::add(&attn_weights, causal_mask)?;
         }

@@ -137,7 +137,7 @@ pub fn eager_attention_forward(
 ) -> Result<(Tensor, Tensor)> {
     let key_states = repeat_kv(key, module.num_key_value_groups)?;
     let value_states = repeat_kv(value, module.num_key_value_groups)?;
-    let mut attn_weights = (query.matmul(&key_states.transpose(2, 3)?)? * scaling)?;
+    let mut attn_weights = nn::ops::scale(&query.matmul(&key_states.transpose(2, 3)?)?, scaling)?;
     if let Some(mask) = attention_mask {
         attn_weights = nn::ops::add(&attn_weights, mask)?;
     }

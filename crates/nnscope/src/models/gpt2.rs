@@ -89,7 +89,10 @@ pub fn eager_attention_forward(
     attention_mask: Option<&Tensor>,
     scaling: f64,
 ) -> Result<(Tensor, Tensor)> {
-    let mut attn_weights = (query.matmul(&key.transpose(D::Minus1, D::Minus2)?)? * scaling)?;
+    let mut attn_weights = nn::ops::scale(
+        &query.matmul(&key.transpose(D::Minus1, D::Minus2)?)?,
+        scaling,
+    )?;
     if let Some(mask) = attention_mask {
         attn_weights = nn::ops::add(&attn_weights, mask)?;
     }
@@ -156,7 +159,10 @@ impl GPT2Attention {
     ) -> Result<(Tensor, Tensor)> {
         let q = query.to_dtype(DType::F32)?;
         let k = key.to_dtype(DType::F32)?;
-        let mut attn_weights = (q.matmul(&k.transpose(D::Minus1, D::Minus2)?)? * self.scaling)?;
+        let mut attn_weights = nn::ops::scale(
+            &q.matmul(&k.transpose(D::Minus1, D::Minus2)?)?,
+            self.scaling,
+        )?;
         if let Some(mask) = attention_mask {
             attn_weights = nn::ops::add(&attn_weights, &mask.to_dtype(DType::F32)?)?;
         }

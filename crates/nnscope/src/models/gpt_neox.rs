@@ -155,7 +155,7 @@ pub fn eager_attention_forward(
     dropout: f64,
 ) -> Result<(Tensor, Tensor)> {
     let _ = module;
-    let mut attn_weights = (query.matmul(&key.transpose(2, 3)?)? * scaling)?;
+    let mut attn_weights = nn::ops::scale(&query.matmul(&key.transpose(2, 3)?)?, scaling)?;
     if let Some(mask) = attention_mask {
         attn_weights = nn::ops::add(&attn_weights, mask)?;
     }

@@ -210,8 +210,10 @@ impl GPTJAttention {
         // Keep the attention weights computation in fp32 to avoid overflow issues.
         let query = query.to_dtype(DType::F32)?;
         let key = key.to_dtype(DType::F32)?;
-        let mut attn_weights =
-            (query.matmul(&key.transpose(D::Minus1, D::Minus2)?)? * self.scaling)?;
+        let mut attn_weights = nn::ops::scale(
+            &query.matmul(&key.transpose(D::Minus1, D::Minus2)?)?,
+            self.scaling,
+        )?;
         if let Some(mask) = attention_mask {
             attn_weights = nn::ops::add(&attn_weights, &mask.to_dtype(DType::F32)?)?;
         }

@@ -115,7 +115,10 @@ pub fn eager_attention_forward(
     dropout: f64,
 ) -> Result<(Tensor, Tensor)> {
     let _ = module;
-    let mut attn_weights = (query.matmul(&key.transpose(D::Minus1, D::Minus2)?)? * scaling)?;
+    let mut attn_weights = nn::ops::scale(
+        &query.matmul(&key.transpose(D::Minus1, D::Minus2)?)?,
+        scaling,
+    )?;
     if let Some(mask) = attention_mask {
         attn_weights = nn::ops::add(&attn_weights, mask)?;
     }
@@ -172,7 +175,7 @@ impl OPTAttention {
     ) -> Result<Tensor> {
         let (bsz, tgt_len, _) = hidden_states.dims3()?;
         let shape = (bsz, tgt_len, self.num_heads, self.head_dim);
-        let query_states = (self.q_proj.forward(hidden_states)? * self.scaling)?;
+        let query_states = nn::ops::scale(&self.q_proj.forward(hidden_states)?, self.scaling)?;
         let query_states = query_states.reshape(shape)?.transpose(1, 2)?.contiguous()?;
         let key_states = self.k_proj.forward(hidden_states)?;
         let value_states = self.v_proj.forward(hidden_states)?;

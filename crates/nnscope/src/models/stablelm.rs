@@ -303,7 +303,10 @@ impl StableLmAttention {
 
         let query_states = query_states.contiguous()?;
         let key_states = key_states.contiguous()?;
-        let mut attn_weights = (query_states.matmul(&key_states.transpose(2, 3)?)? * self.scaling)?;
+        let mut attn_weights = nn::ops::scale(
+            &query_states.matmul(&key_states.transpose(2, 3)?)?,
+            self.scaling,
+        )?;
         if let Some(mask) = attention_mask {
             attn_weights = nn::ops::add(&attn_weights, mask)?;
         }

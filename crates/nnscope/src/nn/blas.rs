@@ -637,7 +637,10 @@ fn axpy_bf16(x: f32, w: &[half::bf16], y: &mut [f32]) {
 /// The candle op: lhs `[m, k]` contiguous, rhs `[n, k]` either contiguous or the transposed view of
 /// a contiguous `[k, n]` matrix (GPT-2's `Conv1D` weights, used as stored), float32 or bfloat16 on
 /// the CPU. bfloat16 products accumulate in float32 and are rounded to bfloat16 once, at the end.
-struct MatmulNt;
+struct MatmulNt {
+    /// bfloat16 operands: return the float32 accumulator instead of rounding it.
+    f32_out: bool,
+}
 
 /// Operand layout of a [`MatmulNt`] call: `(m, n, k, lhs range, rhs offset, trans_b)`.
 type NtLayout = (usize, usize, usize, (usize, usize), usize, bool);
@@ -690,6 +693,9 @@ impl candle_core::CustomOp2 for MatmulNt {
                     candle_core::bail!("gemm-nt: rhs storage too small");
                 };
                 gemm(m, n, k, &a[a0..a1], b, trans_b, &mut c)?;
+                if self.f32_out {
+                    return Ok((CpuStorage::F32(c), (m, n).into()));
+                }
                 Ok((CpuStorage::BF16(to_bf16(&c)), (m, n).into()))
             }
             _ => candle_core::bail!("gemm-nt: float32 or bfloat16 operands of one dtype only"),
@@ -748,6 +754,19 @@ pub(crate) fn prepare_weight(w: Tensor) -> candle_core::Result<Tensor> {
 /// operands suit it (float32, or bfloat16 with oneDNN; CPU; contiguous). `None` means: use candle's
 /// matmul.
 pub(crate) fn matmul_nt(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    matmul_nt_with(x, w, false)
+}
+
+/// [`matmul_nt`] for bfloat16 operands, returning the float32 accumulator unrounded (for a bias to
+/// be added before the single rounding torch does). `None` when [`matmul_nt`] would decline.
+pub(crate) fn matmul_nt_f32_out(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if x.dtype() != DType::BF16 {
+        return Ok(None);
+    }
+    matmul_nt_with(x, w, true)
+}
+
+fn matmul_nt_with(x: &Tensor, w: &Tensor, f32_out: bool) -> candle_core::Result<Option<Tensor>> {
     let dt = x.dtype();
     let cpu2 = |t: &Tensor| t.device().is_cpu() && t.rank() == 2;
     if w.dtype() != dt || !cpu2(x) || !cpu2(w) || !x.is_contiguous() || !kernel_takes(dt) {
@@ -761,7 +780,7 @@ pub(crate) fn matmul_nt(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Te
     if !w_ok {
         return Ok(None);
     }
-    x.apply_op2_no_bwd(w, &MatmulNt).map(Some)
+    x.apply_op2_no_bwd(w, &MatmulNt { f32_out }).map(Some)
 }
 
 #[cfg(test)]

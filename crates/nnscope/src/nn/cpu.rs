@@ -43,51 +43,83 @@ impl candle_core::CustomOp1 for SoftmaxLastDimF32 {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(src) = storage else {
-            candle_core::bail!("softmax-last-dim-f32: float32 only");
-        };
         let Some((a, b)) = layout.contiguous_offsets() else {
             candle_core::bail!("softmax-last-dim-f32: contiguous input only");
         };
-        let src = &src[a..b];
         let dim = layout.shape().dims().last().copied().unwrap_or(1).max(1);
-        let rows = src.len() / dim;
-        let mut dst = vec![0f32; src.len()];
-        let row = |s: &[f32], d: &mut [f32]| {
-            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (d, &s) in d.iter_mut().zip(s) {
-                let e = s - max;
-                *d = if e < -87.0 { 0.0 } else { e.exp() };
-                sum += *d;
+        match storage {
+            CpuStorage::F32(src) => {
+                let dst = softmax_rows(&src[a..b], dim, |v: &f32| *v, |v| v);
+                Ok((CpuStorage::F32(dst), layout.shape().clone()))
             }
-            for d in d.iter_mut() {
-                *d /= sum;
+            // bfloat16 scores: widened, computed in float32 and rounded once on the way out, which
+            // is what `to_dtype(F32)`, the float32 softmax and `to_dtype(BF16)` give, in one pass.
+            CpuStorage::BF16(src) => {
+                let dst = softmax_rows(
+                    &src[a..b],
+                    dim,
+                    |v: &half::bf16| v.to_f32(),
+                    half::bf16::from_f32,
+                );
+                Ok((CpuStorage::BF16(dst), layout.shape().clone()))
             }
-        };
-        if src.len() < 1 << 16 {
-            for (s, d) in src.chunks(dim).zip(dst.chunks_mut(dim)) {
-                row(s, d);
-            }
-        } else {
-            let dp = SendPtr(dst.as_mut_ptr());
-            par_for(rows, |range| {
-                for r in range {
-                    // SAFETY: each row index is handed to exactly one call; rows lie inside `dst`.
-                    let d = unsafe { std::slice::from_raw_parts_mut(dp.get().add(r * dim), dim) };
-                    row(&src[r * dim..(r + 1) * dim], d);
-                }
-            });
+            _ => candle_core::bail!("softmax-last-dim-f32: float32 or bfloat16 only"),
         }
-        Ok((CpuStorage::F32(dst), layout.shape().clone()))
     }
 }
 
+/// Softmax of each `dim`-long row of `src`, computed in float32 (`load` widens, `store` narrows).
+fn softmax_rows<T: Copy + Send + Sync + Default>(
+    src: &[T],
+    dim: usize,
+    load: impl Fn(&T) -> f32 + Sync,
+    store: impl Fn(f32) -> T + Sync,
+) -> Vec<T> {
+    let rows = src.len() / dim;
+    let mut dst = vec![T::default(); src.len()];
+    let row = |s: &[T], d: &mut [T], buf: &mut Vec<f32>| {
+        buf.clear();
+        buf.extend(s.iter().map(&load));
+        let max = buf.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for e in buf.iter_mut() {
+            let x = *e - max;
+            *e = if x < -87.0 { 0.0 } else { x.exp() };
+            sum += *e;
+        }
+        for (d, e) in d.iter_mut().zip(buf.iter()) {
+            *d = store(*e / sum);
+        }
+    };
+    if src.len() < 1 << 16 {
+        let mut buf = Vec::with_capacity(dim);
+        for (s, d) in src.chunks(dim).zip(dst.chunks_mut(dim)) {
+            row(s, d, &mut buf);
+        }
+    } else {
+        let dp = SendPtr(dst.as_mut_ptr().cast::<f32>());
+        par_for(rows, |range| {
+            let mut buf = Vec::with_capacity(dim);
+            for r in range {
+                // SAFETY: each row index is handed to exactly one call; rows lie inside `dst`.
+                let d = unsafe {
+                    std::slice::from_raw_parts_mut(dp.get().cast::<T>().add(r * dim), dim)
+                };
+                row(&src[r * dim..(r + 1) * dim], d, &mut buf);
+            }
+        });
+    }
+    dst
+}
+
 /// Softmax over the last dimension through [`SoftmaxLastDimF32`] when `x` is a contiguous float32
-/// CPU tensor; `None` otherwise (the caller uses candle's op).
+/// or bfloat16 CPU tensor (bfloat16 computed in float32, returned in bfloat16); `None` otherwise
+/// (the caller uses candle's op).
 pub(crate) fn softmax_last_dim_f32(x: &Tensor) -> Result<Option<Tensor>> {
-    if x.dtype() != candle_core::DType::F32
-        || !x.device().is_cpu()
+    if !matches!(
+        x.dtype(),
+        candle_core::DType::F32 | candle_core::DType::BF16
+    ) || !x.device().is_cpu()
         || !x.is_contiguous()
         || x.rank() == 0
         || x.track_op()

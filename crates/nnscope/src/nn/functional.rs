@@ -11,6 +11,13 @@ use candle_core::{DType, Result, Tensor, D};
 pub fn softmax(x: &Tensor, dim: D) -> Result<Tensor> {
     let dt = x.dtype();
     let last = dim.to_index(x.shape(), "softmax")? + 1 == x.rank();
+    // bfloat16 scores on the CPU: one pass that widens, computes in float32 and rounds back (the
+    // same values as the conversions below, without two extra passes over the scores).
+    if dt == DType::BF16 && last && !x.track_op() {
+        if let Some(y) = super::cpu::softmax_last_dim_f32(x)? {
+            return Ok(y);
+        }
+    }
     let xf = if dt == DType::F32 {
         x.clone()
     } else {

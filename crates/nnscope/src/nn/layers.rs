@@ -82,6 +82,31 @@ pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     y.reshape(out_dims)
 }
 
+/// `x w^T + b`, rounded once: torch computes a bfloat16 `F.linear` / `addmm` with the bias added to
+/// the float32 accumulator, so the product is not rounded to bfloat16 before the bias is added.
+/// With a system kernel the product comes back in float32 and the bias is added there; otherwise
+/// (candle's kernel, which rounds its product) and for other dtypes it is product, then bias.
+pub(crate) fn matmul_t_bias(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let Some(b) = b else {
+        return matmul_t(x, w);
+    };
+    if x.dtype() == DType::BF16 {
+        let dims = x.dims();
+        let in_dim = dims[dims.len() - 1];
+        let lead: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((lead, in_dim))?;
+        if let Some(y) = super::blas::matmul_nt_f32_out(&x2, w)? {
+            let y = y
+                .broadcast_add(&b.to_dtype(DType::F32)?)?
+                .to_dtype(DType::BF16)?;
+            let mut out_dims = dims[..dims.len() - 1].to_vec();
+            out_dims.push(w.dim(0)?);
+            return y.reshape(out_dims);
+        }
+    }
+    matmul_t(x, w)?.broadcast_add(b)
+}
+
 thread_local! {
     /// The `Linear` that multiplies only the last position of its input (see [`last_position_only`]).
     static LAST_POSITION_ONLY: std::cell::Cell<Option<Scope>> = const { std::cell::Cell::new(None) };
@@ -130,11 +155,7 @@ macro_rules! head_rows {
 impl Linear {
     /// y = x W^T + b.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = matmul_t(&head_rows!(self.scope, x), &self.weight)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        matmul_t_bias(&head_rows!(self.scope, x), &self.weight, self.bias.as_ref())
     }
 }
 
@@ -170,8 +191,7 @@ impl Conv1D {
 impl Conv1D {
     /// y = x W + b.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = matmul_t(x, &self.weight_t)?;
-        y.broadcast_add(&self.bias)
+        matmul_t_bias(x, &self.weight_t, Some(&self.bias))
     }
 }
 
@@ -253,12 +273,15 @@ pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -
     let mean = xf.mean_keepdim(D::Minus1)?;
     let xc = xf.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dt)?;
-    let y = y.broadcast_mul(w)?;
-    match b {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
-    }
+    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    // torch's layer_norm on bfloat16/float16 input normalizes, scales and shifts in float32 and
+    // rounds once; in float32 these are the same operations as before.
+    let y = y.broadcast_mul(&w.to_dtype(DType::F32)?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+        None => y,
+    };
+    y.to_dtype(dt)
 }
 
 #[hooked]

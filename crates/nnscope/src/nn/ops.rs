@@ -1,5 +1,5 @@
 //! Python's arithmetic operators as functions: `ops::add(a, b)` is `a + b`, `ops::mul(a, b)` is
-//! `a * b`, both broadcasting like torch.
+//! `a * b`, both broadcasting like torch, and `ops::scale(x, s)` is `x * s` for a Python float.
 //!
 //! Like the operators in Python, they are not hookpoints: `#[hooked]` leaves calls through an
 //! `ops::` path alone, so model code may use them where the Python it ports writes `+` or `*`
@@ -25,6 +25,81 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// `a * b` with broadcasting.
 pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     binary(a, b, Op::Mul)
+}
+
+/// `x * s` for a Python float `s` (attention's `* scaling`).
+///
+/// For bfloat16 this is also a matter of numerics: torch multiplies a bfloat16 tensor by a Python
+/// float in float32 and rounds once, while candle's `affine` first rounds the factor itself to
+/// bfloat16 (1/sqrt(128) becomes 0.0883789 instead of 0.0883883), which changes about one score in
+/// forty by a unit in the last place at head_dim 128.
+pub fn scale(x: &Tensor, s: f64) -> Result<Tensor> {
+    if x.dtype() != DType::BF16 || !x.device().is_cpu() || x.track_op() {
+        return x.affine(s, 0.0);
+    }
+    x.apply_op1_no_bwd(&Bf16Scale(s as f32))
+}
+
+struct Bf16Scale(f32);
+
+impl candle_core::CustomOp1 for Bf16Scale {
+    fn name(&self) -> &'static str {
+        "ops-scale-bf16"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::BF16(x) = s else {
+            candle_core::bail!("ops-scale-bf16: bfloat16 only");
+        };
+        // SAFETY: bf16 is a transparent u16; we only reinterpret the bits.
+        let x: &[u16] = unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u16, x.len()) };
+        let shape = l.shape().clone();
+        let dims = shape.dims();
+        let n = shape.elem_count();
+        let mut out = vec![bf16::ZERO; n];
+        let inner = dims.last().copied().unwrap_or(1).max(1);
+        if n == 0 {
+            return Ok((CpuStorage::BF16(out), shape));
+        }
+        let rows = n / inner;
+        let strides = l.stride();
+        let i1 = strides.last().copied().unwrap_or(1);
+        let outer = &dims[..dims.len().saturating_sub(1)];
+        let f = self.0;
+        let out_ptr = super::cpu::SendPtr(out.as_mut_ptr() as *mut f32);
+        let work = |range: std::ops::Range<usize>| {
+            for r in range {
+                let mut o = l.start_offset();
+                let mut rem = r;
+                for (d, st) in outer.iter().zip(strides).rev() {
+                    o += (rem % d) * st;
+                    rem /= d;
+                }
+                // SAFETY: row `r` of the output is written by this call only; it lies inside `out`.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        (out_ptr.get() as *mut u16).add(r * inner),
+                        inner,
+                    )
+                };
+                if i1 == 1 {
+                    for (d, &v) in dst.iter_mut().zip(&x[o..o + inner]) {
+                        *d = narrow(widen(v) * f);
+                    }
+                } else {
+                    for (j, d) in dst.iter_mut().enumerate() {
+                        *d = narrow(widen(x[o + j * i1]) * f);
+                    }
+                }
+            }
+        };
+        if n < 1 << 15 {
+            work(0..rows);
+        } else {
+            par_for(rows, work);
+        }
+        Ok((CpuStorage::BF16(out), shape))
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -232,6 +307,36 @@ mod tests {
         assert_eq!(
             o.flatten_all()?.to_vec1::<f32>()?,
             t.flatten_all()?.to_vec1::<f32>()?
+        );
+        Ok(())
+    }
+
+    /// bfloat16 scaling is float32 multiply-then-round (torch's), float32 is candle's affine.
+    #[test]
+    fn scale_like_torch() -> Result<()> {
+        let dev = Device::Cpu;
+        let s = 1.0 / 128f64.sqrt();
+        let x = Tensor::randn(0f32, 3., (2, 3, 70), &dev)?;
+        let xb = x.to_dtype(DType::BF16)?;
+        for t in [xb.clone(), xb.transpose(1, 2)?] {
+            let ours = scale(&t, s)?;
+            let want: Vec<u16> = t
+                .flatten_all()?
+                .to_vec1::<bf16>()?
+                .iter()
+                .map(|v| bf16::from_f32(v.to_f32() * s as f32).to_bits())
+                .collect();
+            let got: Vec<u16> = ours
+                .flatten_all()?
+                .to_vec1::<bf16>()?
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            assert_eq!(got, want);
+        }
+        assert_eq!(
+            scale(&x, s)?.flatten_all()?.to_vec1::<f32>()?,
+            (&x * s)?.flatten_all()?.to_vec1::<f32>()?
         );
         Ok(())
     }
