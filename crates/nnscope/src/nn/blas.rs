@@ -745,9 +745,67 @@ fn kernel_takes(dtype: DType) -> bool {
 /// a transposed weight on every call) and 1.3x faster at 128. Otherwise the weight is returned as is.
 pub(crate) fn prepare_weight(w: Tensor) -> candle_core::Result<Tensor> {
     if w.device().is_cpu() && w.rank() == 2 && kernel_takes(w.dtype()) {
+        if w.is_contiguous() && !w.track_op() {
+            return w.apply_op1_no_bwd(&Transpose)?.t();
+        }
         return w.t()?.contiguous()?.t();
     }
     Ok(w)
+}
+
+/// `[n, k]` contiguous -> its transpose `[k, n]` contiguous, in cache-sized tiles over the worker
+/// pool. candle's strided copy walks the source element by element with an index computation per
+/// element; on a 7B checkpoint that made loading take over a minute.
+struct Transpose;
+
+impl candle_core::CustomOp1 for Transpose {
+    fn name(&self) -> &'static str {
+        "transpose-2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        let (n, k) = layout.shape().dims2()?;
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("transpose-2d: contiguous input only");
+        };
+        let out = match storage {
+            CpuStorage::F32(s) => CpuStorage::F32(transpose(&s[a..b], n, k)),
+            CpuStorage::BF16(s) => CpuStorage::BF16(transpose(&s[a..b], n, k)),
+            CpuStorage::F16(s) => CpuStorage::F16(transpose(&s[a..b], n, k)),
+            _ => candle_core::bail!("transpose-2d: float32, bfloat16 or float16 only"),
+        };
+        Ok((out, (k, n).into()))
+    }
+}
+
+fn transpose<T: Copy + Default + Send + Sync>(src: &[T], n: usize, k: usize) -> Vec<T> {
+    const TILE: usize = 32;
+    let mut dst = vec![T::default(); n * k];
+    let dp = super::cpu::SendPtr(dst.as_mut_ptr().cast::<f32>());
+    // Tasks are bands of TILE source rows; each writes columns [r0, r1) of every output row.
+    super::cpu::par_for(n.div_ceil(TILE), |bands| {
+        let d = dp.get().cast::<T>();
+        for band in bands {
+            let (r0, r1) = (band * TILE, ((band + 1) * TILE).min(n));
+            for c0 in (0..k).step_by(TILE) {
+                let c1 = (c0 + TILE).min(k);
+                for r in r0..r1 {
+                    let row = &src[r * k..(r + 1) * k];
+                    for (c, &v) in row.iter().enumerate().take(c1).skip(c0) {
+                        // SAFETY: output element (c, r) lies inside `dst` (k * n elements) and
+                        // column r belongs to this band alone.
+                        unsafe { *d.add(c * n + r) = v };
+                    }
+                }
+            }
+        }
+    });
+    dst
 }
 
 /// `x [m, k]` times `w^T` (`w [n, k]`) through the system kernel, when one is loaded and the
@@ -792,6 +850,24 @@ mod tests {
     /// bfloat16, for 1..=6 rows (both sides of [`GEMV_MAX_ROWS`]) and column counts that do not
     /// divide the blocks. Runs on whatever kernel this machine has; without one, `matmul_nt`
     /// declines and the test checks that it does.
+    #[test]
+    fn transpose_matches_candle() -> candle_core::Result<()> {
+        let w = Tensor::randn(0f32, 1., (130, 70), &Device::Cpu)?;
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            let w = w.to_dtype(dt)?;
+            let ours = w.apply_op1_no_bwd(&Transpose)?;
+            let want = w.t()?.contiguous()?;
+            assert_eq!(ours.dims(), want.dims());
+            let diff = (ours.to_dtype(DType::F32)? - want.to_dtype(DType::F32)?)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "{dt:?}");
+        }
+        Ok(())
+    }
+
     #[test]
     fn few_rows_match_candle() -> candle_core::Result<()> {
         let dev = Device::Cpu;
