@@ -193,9 +193,9 @@ pub fn eager_attention_forward(
     let value_states = repeat_kv(value, module.num_key_value_groups)?;
     let mut attn_weights = nn::ops::scale(&query.matmul(&key_states.transpose(2, 3)?)?, scaling)?;
     if let Some(softcap) = softcap {
-        attn_weights = (attn_weights / softcap)?;
+        attn_weights = nn::ops::div_scalar(&attn_weights, softcap)?;
         attn_weights = attn_weights.tanh()?;
-        attn_weights = (attn_weights * softcap)?;
+        attn_weights = nn::ops::scale(&attn_weights, softcap)?;
     }
     if let Some(mask) = attention_mask {
         attn_weights = nn::ops::add(&attn_weights, mask)?;
@@ -412,9 +412,9 @@ impl Gemma2ForCausalLM {
                 .forward(input_ids, attention_mask, position_ids, past_key_values)?;
         let mut logits = self.lm_head.forward(&hidden_states)?;
         if let Some(softcap) = self.final_logit_softcapping {
-            logits = (logits / softcap)?;
+            logits = nn::ops::div_scalar(&logits, softcap)?;
             logits = logits.tanh()?;
-            logits = (logits * softcap)?;
+            logits = nn::ops::scale(&logits, softcap)?;
         }
         Ok(logits)
     }

@@ -37,10 +37,21 @@ pub fn scale(x: &Tensor, s: f64) -> Result<Tensor> {
     if x.dtype() != DType::BF16 || !x.device().is_cpu() || x.track_op() {
         return x.affine(s, 0.0);
     }
-    x.apply_op1_no_bwd(&Bf16Scale(s as f32))
+    x.apply_op1_no_bwd(&Bf16Scale(s as f32, Op::Mul))
 }
 
-struct Bf16Scale(f32);
+/// `x / s` for a Python float `s` (Gemma's soft-capping): a true division in float32, as torch
+/// does, where candle's `x / s` multiplies by `1 / s` (rounded to bfloat16 for bfloat16 tensors).
+pub fn div_scalar(x: &Tensor, s: f64) -> Result<Tensor> {
+    if x.dtype() != DType::BF16 || !x.device().is_cpu() || x.track_op() {
+        let d = Tensor::new(s as f32, x.device())?.to_dtype(x.dtype())?;
+        return x.broadcast_div(&d);
+    }
+    x.apply_op1_no_bwd(&Bf16Scale(s as f32, Op::Div))
+}
+
+/// Multiplies (`Op::Mul`) or divides (`Op::Div`) by a float32 scalar.
+struct Bf16Scale(f32, Op);
 
 impl candle_core::CustomOp1 for Bf16Scale {
     fn name(&self) -> &'static str {
@@ -66,7 +77,9 @@ impl candle_core::CustomOp1 for Bf16Scale {
         let i1 = strides.last().copied().unwrap_or(1);
         let outer = &dims[..dims.len().saturating_sub(1)];
         let f = self.0;
+        let div = matches!(self.1, Op::Div);
         let out_ptr = super::cpu::SendPtr(out.as_mut_ptr() as *mut f32);
+        let apply = |v: f32| if div { v / f } else { v * f };
         let work = |range: std::ops::Range<usize>| {
             for r in range {
                 let mut o = l.start_offset();
@@ -84,11 +97,11 @@ impl candle_core::CustomOp1 for Bf16Scale {
                 };
                 if i1 == 1 {
                     for (d, &v) in dst.iter_mut().zip(&x[o..o + inner]) {
-                        *d = narrow(widen(v) * f);
+                        *d = narrow(apply(widen(v)));
                     }
                 } else {
                     for (j, d) in dst.iter_mut().enumerate() {
-                        *d = narrow(widen(x[o + j * i1]) * f);
+                        *d = narrow(apply(widen(x[o + j * i1])));
                     }
                 }
             }
@@ -106,6 +119,7 @@ impl candle_core::CustomOp1 for Bf16Scale {
 enum Op {
     Add,
     Mul,
+    Div,
 }
 
 fn binary(a: &Tensor, b: &Tensor, op: Op) -> Result<Tensor> {
@@ -119,6 +133,7 @@ fn binary(a: &Tensor, b: &Tensor, op: Op) -> Result<Tensor> {
         return match op {
             Op::Add => a.broadcast_add(b),
             Op::Mul => a.broadcast_mul(b),
+            Op::Div => a.broadcast_div(b),
         };
     }
     let shape = a.shape().broadcast_shape_binary_op(b.shape(), "ops")?;
@@ -153,6 +168,7 @@ impl candle_core::CustomOp2 for Bf16Binary {
         match self.0 {
             Op::Add => "ops-add-bf16",
             Op::Mul => "ops-mul-bf16",
+            Op::Div => "ops-div-bf16",
         }
     }
 
@@ -255,6 +271,7 @@ fn row(op: Op, x: &[u16], o1: usize, i1: usize, y: &[u16], o2: usize, i2: usize,
     match op {
         Op::Add => run!(|a: f32, b: f32| a + b),
         Op::Mul => run!(|a: f32, b: f32| a * b),
+        Op::Div => run!(|a: f32, b: f32| a / b),
     }
 }
 
@@ -338,6 +355,28 @@ mod tests {
             scale(&x, s)?.flatten_all()?.to_vec1::<f32>()?,
             (&x * s)?.flatten_all()?.to_vec1::<f32>()?
         );
+        // Division by a float: float32 true division, rounded once.
+        let ours = div_scalar(&xb, 50.0)?;
+        let want: Vec<u16> = xb
+            .flatten_all()?
+            .to_vec1::<bf16>()?
+            .iter()
+            .map(|v| bf16::from_f32(v.to_f32() / 50.0).to_bits())
+            .collect();
+        let got: Vec<u16> = ours
+            .flatten_all()?
+            .to_vec1::<bf16>()?
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        assert_eq!(got, want);
+        let want: Vec<f32> = x
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|v| v / 50.0)
+            .collect();
+        assert_eq!(div_scalar(&x, 50.0)?.flatten_all()?.to_vec1::<f32>()?, want);
         Ok(())
     }
 
