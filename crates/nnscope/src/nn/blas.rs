@@ -325,23 +325,9 @@ trait GemmElem: Copy + Send + Sync {
         c: *mut f32,
         ldc: usize,
     ) -> candle_core::Result<()>;
-
-    /// The value as float32.
-    fn widen(self) -> f32;
-
-    /// `y += x * w` over a row (see [`gemv_rows`]).
-    fn axpy(x: f32, w: &[Self], y: &mut [f32]);
 }
 
 impl GemmElem for f32 {
-    fn widen(self) -> f32 {
-        self
-    }
-
-    fn axpy(x: f32, w: &[f32], y: &mut [f32]) {
-        axpy_f32(x, w, y)
-    }
-
     unsafe fn gemm_raw(
         m: usize,
         nc: usize,
@@ -387,14 +373,6 @@ impl GemmElem for f32 {
 }
 
 impl GemmElem for half::bf16 {
-    fn widen(self) -> f32 {
-        self.to_f32()
-    }
-
-    fn axpy(x: f32, w: &[half::bf16], y: &mut [f32]) {
-        axpy_bf16(x, w, y)
-    }
-
     unsafe fn gemm_raw(
         m: usize,
         nc: usize,
@@ -465,9 +443,6 @@ fn gemm<T: GemmElem>(
     use std::sync::Mutex;
     if a.len() < m * k || b.len() < n * k || c.len() < m * n {
         candle_core::bail!("gemm: buffers too small for {m}x{k} * ({n}x{k})^T");
-    }
-    if m <= GEMV_MAX_ROWS && !trans_b {
-        return gemv_rows(m, n, k, a, b, c);
     }
     let threads = super::cpu::par_threads();
     // Small products, or too few columns to share: one call on this thread. Below ~4M multiply-adds
@@ -542,96 +517,6 @@ fn gemm<T: GemmElem>(
         Ok(Some(e)) => Err(e),
         _ => Ok(()),
     }
-}
-
-/// Up to this many rows of `x`, products with a stored-transposed weight go through
-/// [`gemv_rows`] instead of the library's GEMM.
-const GEMV_MAX_ROWS: usize = 4;
-
-/// `c [m, n] = a [m, k] * b [k, n]` for a few rows of `a` (a decode step): every weight row is
-/// read once from memory and used for all `m` rows while it is in cache.
-///
-/// Why not the library: generating one token multiplies one row by every weight matrix, which is
-/// limited by memory bandwidth, not arithmetic. oneDNN 2.x runs those products through SSE4.1/AVX
-/// GEMV kernels that stayed well below the bandwidth (46% of a GPT-2 decode step in `perf`), and a
-/// GEMM packs the weights first, reading them twice. This is a streaming axpy loop over the rows
-/// of `b`, split by output columns over the worker pool, in float32 (bfloat16 weights widened).
-/// Rows of `c` are sums in order of k, as the definition reads.
-fn gemv_rows<T: GemmElem>(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[T],
-    b: &[T],
-    c: &mut [f32],
-) -> candle_core::Result<()> {
-    let a: Vec<f32> = a[..m * k].iter().map(|v| v.widen()).collect();
-    c[..m * n].fill(0.0);
-    let threads = super::cpu::par_threads();
-    // Column blocks of 256 floats (1 KiB per row of `c`): a few per thread for balance.
-    let block = 256;
-    let blocks = n.div_ceil(block);
-    let run = |cols: std::ops::Range<usize>, c: super::cpu::SendPtr| {
-        for (kk, brow) in b.chunks_exact(n).take(k).enumerate() {
-            let brow = &brow[cols.clone()];
-            for i in 0..m {
-                let x = a[i * k + kk];
-                // SAFETY: this call alone writes columns `cols` of row i of `c` (m * n elements).
-                let crow = unsafe {
-                    std::slice::from_raw_parts_mut(c.get().add(i * n + cols.start), cols.len())
-                };
-                T::axpy(x, brow, crow);
-            }
-        }
-    };
-    let cp = super::cpu::SendPtr(c.as_mut_ptr());
-    if threads == 1 || n * k < 1 << 16 {
-        run(0..n, cp);
-    } else {
-        super::cpu::par_for(blocks, |range| {
-            let cols = range.start * block..(range.end * block).min(n);
-            run(cols, cp);
-        });
-    }
-    Ok(())
-}
-
-/// `y += x * w`, element-wise over a row, compiled for AVX2+FMA when the CPU has it.
-fn axpy_f32(x: f32, w: &[f32], y: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn go(x: f32, w: &[f32], y: &mut [f32]) {
-            for (y, &w) in y.iter_mut().zip(w) {
-                *y = x.mul_add(w, *y);
-            }
-        }
-        // SAFETY: the CPU has the features `go` is compiled for (checked just above).
-        return unsafe { go(x, w, y) };
-    }
-    for (y, &w) in y.iter_mut().zip(w) {
-        *y += x * w;
-    }
-}
-
-/// [`axpy_f32`] with bfloat16 weights, widened on the fly.
-fn axpy_bf16(x: f32, w: &[half::bf16], y: &mut [f32]) {
-    #[inline(always)]
-    fn body(x: f32, w: &[half::bf16], y: &mut [f32]) {
-        for (y, &w) in y.iter_mut().zip(w) {
-            *y = x.mul_add(f32::from_bits((w.to_bits() as u32) << 16), *y);
-        }
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn go(x: f32, w: &[half::bf16], y: &mut [f32]) {
-            body(x, w, y)
-        }
-        // SAFETY: the CPU has the features `go` is compiled for (checked just above).
-        return unsafe { go(x, w, y) };
-    }
-    body(x, w, y)
 }
 
 /// The candle op: lhs `[m, k]` contiguous, rhs `[n, k]` either contiguous or the transposed view of
@@ -846,9 +731,8 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// The few-row path ([`gemv_rows`]) and the GEMM path against candle's own matmul, float32 and
-    /// bfloat16, for 1..=6 rows (both sides of [`GEMV_MAX_ROWS`]) and column counts that do not
-    /// divide the blocks. Runs on whatever kernel this machine has; without one, `matmul_nt`
+    /// The system kernel's products against candle's own matmul, float32 and bfloat16, for 1..=6
+    /// rows (a decode step to a short prompt) and column counts that do not divide the blocks. Runs on whatever kernel this machine has; without one, `matmul_nt`
     /// declines and the test checks that it does.
     #[test]
     fn transpose_matches_candle() -> candle_core::Result<()> {
@@ -869,7 +753,7 @@ mod tests {
     }
 
     #[test]
-    fn few_rows_match_candle() -> candle_core::Result<()> {
+    fn products_match_candle() -> candle_core::Result<()> {
         let dev = Device::Cpu;
         let (k, n) = (300, 1100);
         let w = Tensor::randn(0f32, 1., (n, k), &dev)?;
