@@ -160,16 +160,31 @@ impl RotaryEmbedding {
             "longrope" => compute(&self.params, self.dim, Some(seq_len))?,
             _ => (self.inv_freq.clone(), self.attention_scaling),
         };
+        // emb = cat(freqs, freqs); cos(emb) * scaling and sin(emb) * scaling, each rounded to
+        // float32 as candle's `cos`, `sin` and affine ops round them, computed here directly (six
+        // tensor ops per forward were a visible part of the tiny fixture's forward).
         let half = inv_freq.len();
-        let mut freqs = Vec::with_capacity(b * t * half * 2);
+        let n = b * t * half * 2;
+        let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let scale = scaling as f32;
+        let mut crow = vec![0f32; half];
+        let mut srow = vec![0f32; half];
         for p in pos {
-            let row: Vec<f32> = inv_freq.iter().map(|f| p as f32 * f).collect();
-            freqs.extend_from_slice(&row);
-            freqs.extend_from_slice(&row);
+            for ((c, s), f) in crow.iter_mut().zip(srow.iter_mut()).zip(&inv_freq) {
+                let e = p as f32 * f;
+                (*c, *s) = if scaling == 1.0 {
+                    (e.cos(), e.sin())
+                } else {
+                    (e.cos() * scale + 0.0, e.sin() * scale + 0.0)
+                };
+            }
+            cos.extend_from_slice(&crow);
+            cos.extend_from_slice(&crow);
+            sin.extend_from_slice(&srow);
+            sin.extend_from_slice(&srow);
         }
-        let emb = Tensor::from_vec(freqs, (b, t, half * 2), device)?;
-        let cos = (emb.cos()? * scaling)?.to_dtype(dtype)?;
-        let sin = (emb.sin()? * scaling)?.to_dtype(dtype)?;
+        let cos = Tensor::from_vec(cos, (b, t, half * 2), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (b, t, half * 2), device)?.to_dtype(dtype)?;
         Ok((cos, sin))
     }
 
@@ -333,17 +348,164 @@ pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
     Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
 }
 
-/// Applies rotary embeddings to q and k ([B, H, T, D]); cos/sin are [B, T, D].
-#[hooked]
+/// Applies rotary embeddings to q and k ([B, H, T, D]); cos/sin are [B, T, D] (or [1, T, D]).
+///
+/// transformers' `apply_rotary_pos_emb`: `q * cos + rotate_half(q) * sin`, the same for k. When no
+/// request of the running trace (if any) lies inside this call and the tensors are float32 on the
+/// CPU, it runs as one fused pass per tensor with the same float32 roundings (the identical
+/// result, without the six intermediate tensors per call); otherwise the instrumented version
+/// below runs, whose inner calls (`rotate_half_0`, ...) a trace can reach.
 pub fn apply_rotary_pos_emb(
     q: &Tensor,
     k: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    let cos = cos.unsqueeze(1)?;
-    let sin = sin.unsqueeze(1)?;
-    let q_embed = ops::add(&ops::mul(q, &cos)?, &ops::mul(&rotate_half(q)?, &sin)?)?;
-    let k_embed = ops::add(&ops::mul(k, &cos)?, &ops::mul(&rotate_half(k)?, &sin)?)?;
-    Ok((q_embed, k_embed))
+    if rope_fusable(q, cos, sin) && rope_fusable(k, cos, sin) && crate::trace::rt::enter_quiet() {
+        if let (Some(q_embed), Some(k_embed)) = (rope_f32(q, cos, sin)?, rope_f32(k, cos, sin)?) {
+            return Ok((q_embed, k_embed));
+        }
+    }
+    instrumented::apply_rotary_pos_emb(q, k, cos, sin)
+}
+
+mod instrumented {
+    use super::{ops, rotate_half};
+    use crate::trace::hooked;
+    use candle_core::{Result, Tensor};
+
+    /// Applies rotary embeddings to q and k ([B, H, T, D]); cos/sin are [B, T, D].
+    #[hooked]
+    pub fn apply_rotary_pos_emb(
+        q: &Tensor,
+        k: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let cos = cos.unsqueeze(1)?;
+        let sin = sin.unsqueeze(1)?;
+        let q_embed = ops::add(&ops::mul(q, &cos)?, &ops::mul(&rotate_half(q)?, &sin)?)?;
+        let k_embed = ops::add(&ops::mul(k, &cos)?, &ops::mul(&rotate_half(k)?, &sin)?)?;
+        Ok((q_embed, k_embed))
+    }
+}
+
+/// Whether [`rope_f32`] can take `x` [B, H, T, D] with `cos`/`sin` [B or 1, T, D].
+fn rope_fusable(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
+    let Ok((b, _, t, d)) = x.dims4() else {
+        return false;
+    };
+    let cd = cos.dims();
+    [x, cos, sin]
+        .iter()
+        .all(|v| v.dtype() == DType::F32 && v.device().is_cpu() && !v.track_op())
+        && d % 2 == 0
+        && cd.len() == 3
+        && (cd[0] == b || cd[0] == 1)
+        && cd[1] == t
+        && cd[2] == d
+        && sin.dims() == cd
+        && cos.is_contiguous()
+        && sin.is_contiguous()
+}
+
+/// `x * cos + rotate_half(x) * sin` for float32 CPU tensors (see [`rope_fusable`]), as a contiguous
+/// [B, H, T, D] tensor: each product and the sum rounded to float32 exactly as the three separate
+/// ops round them. `None` when the storages are not the expected ones.
+fn rope_f32(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
+    use candle_core::{CpuStorage, Storage};
+    let (b, h, t, d) = x.dims4()?;
+    let cb = cos.dim(0)?;
+    let half = d / 2;
+    let (xs, xl) = x.storage_and_layout();
+    let (cs, cl) = cos.storage_and_layout();
+    let (ss, sl) = sin.storage_and_layout();
+    let (
+        Storage::Cpu(CpuStorage::F32(xv)),
+        Storage::Cpu(CpuStorage::F32(cv)),
+        Storage::Cpu(CpuStorage::F32(sv)),
+        Some((c0, c1)),
+        Some((s0, s1)),
+    ) = (
+        &*xs,
+        &*cs,
+        &*ss,
+        cl.contiguous_offsets(),
+        sl.contiguous_offsets(),
+    )
+    else {
+        return Ok(None);
+    };
+    let (cv, sv) = (&cv[c0..c1], &sv[s0..s1]);
+    let st = xl.stride();
+    let off = xl.start_offset();
+    let mut out = vec![0f32; b * h * t * d];
+    let mut rows = out.chunks_exact_mut(d);
+    for bi in 0..b {
+        let cbi = if cb == 1 { 0 } else { bi };
+        for hi in 0..h {
+            for ti in 0..t {
+                let base = off + bi * st[0] + hi * st[1] + ti * st[2];
+                let c = &cv[(cbi * t + ti) * d..][..d];
+                let s = &sv[(cbi * t + ti) * d..][..d];
+                let Some(o) = rows.next() else {
+                    return Ok(None);
+                };
+                if st[3] == 1 {
+                    let xr = &xv[base..base + d];
+                    let (x1, x2) = xr.split_at(half);
+                    let (o1, o2) = o.split_at_mut(half);
+                    for i in 0..half {
+                        o1[i] = x1[i] * c[i] + -x2[i] * s[i];
+                        o2[i] = x2[i] * c[half + i] + x1[i] * s[half + i];
+                    }
+                } else {
+                    let at = |i: usize| xv[base + i * st[3]];
+                    for i in 0..d {
+                        let rot = if i < half {
+                            -at(i + half)
+                        } else {
+                            at(i - half)
+                        };
+                        o[i] = at(i) * c[i] + rot * s[i];
+                    }
+                }
+            }
+        }
+    }
+    drop((xs, cs, ss));
+    Tensor::from_vec(out, (b, h, t, d), x.device()).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused float32 path gives exactly the instrumented version's values (same roundings), for
+    /// strided [B, H, T, D] inputs (a transpose, as the attentions pass them) and for cos/sin with a
+    /// batch of 1.
+    #[test]
+    fn fused_rope_is_the_instrumented_result() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, t, h, d) = (2, 5, 3, 8);
+        let x = Tensor::randn(0f32, 1.0, (b, t, h, d), &dev)?.transpose(1, 2)?;
+        let y = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev)?;
+        for cb in [b, 1] {
+            let cos = Tensor::randn(0f32, 1.0, (cb, t, d), &dev)?;
+            let sin = Tensor::randn(0f32, 1.0, (cb, t, d), &dev)?;
+            assert!(rope_fusable(&x, &cos, &sin) && rope_fusable(&y, &cos, &sin));
+            let (fq, fk) = apply_rotary_pos_emb(&x, &y, &cos, &sin)?;
+            let (q, k) = instrumented::apply_rotary_pos_emb(&x, &y, &cos, &sin)?;
+            assert_eq!(fq.dims(), q.dims());
+            assert_eq!(
+                fq.flatten_all()?.to_vec1::<f32>()?,
+                q.flatten_all()?.to_vec1::<f32>()?
+            );
+            assert_eq!(
+                fk.flatten_all()?.to_vec1::<f32>()?,
+                k.flatten_all()?.to_vec1::<f32>()?
+            );
+        }
+        Ok(())
+    }
 }

@@ -331,39 +331,54 @@ impl Plan {
     /// the memory limit ([`Plan::memory_limit`], else on the CPU the memory available), so that an
     /// oversized request fails in a second with a message instead of after minutes of swapping.
     pub fn check_memory(&self, target: &dyn Target, batch: usize, tokens: usize) -> Result<()> {
-        let (available, source_of_limit) = match self.memory_limit {
-            Some(l) => (
-                l,
-                "allowed by `Trace::memory_limit` (`Plan::memory_limit`)".to_string(),
-            ),
-            None if target.activation_device().is_cpu() => match mem_available() {
-                Some(a) => (a, "available (MemAvailable in /proc/meminfo)".to_string()),
-                None => return Ok(()),
-            },
-            None => return Ok(()),
-        };
         let elem = target.activation_dtype().size_in_bytes() as u64;
-        let mut items: Vec<(u64, String)> = Vec::new();
-        for r in &self.requests {
-            if matches!(r.action, Action::Save) && !r.hidden {
+        // The estimate first (no strings: this runs before every trace), the limit only if needed.
+        let sizes: Vec<(usize, u64)> = self
+            .requests
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| matches!(r.action, Action::Save) && !r.hidden)
+            .filter_map(|(i, r)| {
                 let mut dims = target.estimate_shape(&r.path, batch, tokens);
                 if dims.is_empty() {
-                    continue;
+                    return None;
                 }
                 if let (Some(rows), Some(d0)) = (&r.rows, dims.first_mut()) {
                     *d0 = rows.len().min(*d0);
                 }
                 let elems = dims.iter().fold(1u64, |a, d| a.saturating_mul(*d as u64));
-                items.push((
-                    elems.saturating_mul(elem),
-                    format!("`{}` ~{dims:?}", r.name),
-                ));
-            }
+                Some((i, elems.saturating_mul(elem)))
+            })
+            .collect();
+        let needed = sizes.iter().fold(0u64, |a, (_, n)| a.saturating_add(*n));
+        if needed == 0 {
+            return Ok(());
         }
-        let needed = items.iter().fold(0u64, |a, (n, _)| a.saturating_add(*n));
+        let (available, source_of_limit) = match self.memory_limit {
+            Some(l) => (
+                l,
+                "allowed by `Trace::memory_limit` (`Plan::memory_limit`)".to_string(),
+            ),
+            None if target.activation_device().is_cpu() => match mem_available(needed) {
+                Some(a) => (a, "available (MemAvailable in /proc/meminfo)".to_string()),
+                None => return Ok(()),
+            },
+            None => return Ok(()),
+        };
         if needed <= available {
             return Ok(());
         }
+        let mut items: Vec<(u64, String)> = sizes
+            .iter()
+            .map(|&(i, n)| {
+                let r = &self.requests[i];
+                let mut dims = target.estimate_shape(&r.path, batch, tokens);
+                if let (Some(rows), Some(d0)) = (&r.rows, dims.first_mut()) {
+                    *d0 = rows.len().min(*d0);
+                }
+                (n, format!("`{}` ~{dims:?}", r.name))
+            })
+            .collect();
         items.sort_by_key(|item| std::cmp::Reverse(item.0));
         let mut detail: Vec<String> = items.iter().take(3).map(|(_, s)| s.clone()).collect();
         if items.len() > 3 {
@@ -456,11 +471,29 @@ impl Plan {
 }
 
 /// Bytes of memory available to new allocations, from /proc/meminfo (Linux); `None` elsewhere.
-fn mem_available() -> Option<u64> {
+/// MemAvailable of /proc/meminfo, in bytes, for a check of `needed` bytes. Reading the file took a
+/// few percent of a small trace, so a reading less than a second old is reused while `needed` is
+/// under a quarter of it (memory cannot plausibly fall that far that fast); close to the limit it is
+/// always read afresh.
+fn mem_available(needed: u64) -> Option<u64> {
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    static LAST: Mutex<Option<(Instant, u64)>> = Mutex::new(None);
+    if let Ok(last) = LAST.lock() {
+        if let Some((at, avail)) = *last {
+            if at.elapsed() < Duration::from_secs(1) && needed < avail / 4 {
+                return Some(avail);
+            }
+        }
+    }
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb.saturating_mul(1024))
+    let avail = kb.saturating_mul(1024);
+    if let Ok(mut last) = LAST.lock() {
+        *last = Some((Instant::now(), avail));
+    }
+    Some(avail)
 }
 
 #[cfg(test)]

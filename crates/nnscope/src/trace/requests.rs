@@ -151,6 +151,16 @@ impl<'a> Ctx<'a> {
         self.stack.borrow_mut().push(node);
     }
 
+    /// Whether a call entered from `site` of the current scope has no node (no request in it or
+    /// below it); never while recording or after a stop.
+    pub fn callee_quiet(&self, site: u32) -> bool {
+        if self.recording || self.stopped.get() {
+            return false;
+        }
+        let parent = self.top();
+        parent == NONE || site == NONE || self.find_call(parent, site).is_none()
+    }
+
     pub fn leave(&self) {
         self.stack.borrow_mut().pop();
     }

@@ -110,6 +110,22 @@ pub fn pend0(site: u32) {
     PENDING.with(|p| p.set(site));
 }
 
+/// Whether the instrumented function about to be entered (from the call site [`pend`] recorded
+/// last) can have no request run inside it or in the functions it calls: no trace is active, or the
+/// active one (not a structure probe, not stopped) has nothing under that call site. When it
+/// returns `true` the recorded call site is consumed (as entering the function would), so the
+/// caller must then compute the function's result without entering it: a fused fast path that
+/// skips instrumented inner calls checks this first, so that a trace still sees every inner call it
+/// asked for. Modules entered from inside are not covered (their scopes are absolute).
+#[inline(always)]
+pub fn enter_quiet() -> bool {
+    let quiet = with_ctx(|c| c.callee_quiet(PENDING.with(|p| p.get()))).unwrap_or(true);
+    if quiet {
+        PENDING.with(|p| p.set(NONE));
+    }
+    quiet
+}
+
 /// Leaves a scope when dropped.
 pub struct ScopeGuard {
     active: bool,
