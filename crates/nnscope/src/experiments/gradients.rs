@@ -17,7 +17,9 @@
 //!     &Input::prompts(&["The quick brown fox"]),
 //!     &["layers_output.0", "attention_probabilities.1"],
 //!     |out| {
-//!         let logits = out.logits.as_ref().unwrap();       // [B, T, vocab]
+//!         let Some(logits) = out.logits.as_ref() else {   // [B, T, vocab]
+//!             return Err(nnscope::Error::Input("this model returned no logits".into()));
+//!         };
 //!         let last = logits.dim(1)? - 1;
 //!         Ok(logits.get(0)?.get(last)?.get(42)?)          // one logit, a scalar
 //!     },
