@@ -105,9 +105,10 @@ impl OlmoMLP {
 impl OlmoMLP {
     /// down_proj(act_fn(gate_proj(x)) * up_proj(x)).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let down_proj = self.down_proj.forward(
-            &(self.act_fn.forward(&self.gate_proj.forward(x)?)? * self.up_proj.forward(x)?)?,
-        )?;
+        let down_proj = self.down_proj.forward(&nn::ops::mul(
+            &self.act_fn.forward(&self.gate_proj.forward(x)?)?,
+            &self.up_proj.forward(x)?,
+        )?)?;
         Ok(down_proj)
     }
 }

@@ -179,15 +179,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     }
 }
 
-#[inline(always)]
-fn widen(x: u16) -> f32 {
-    f32::from_bits((x as u32) << 16)
-}
-
-#[inline(always)]
-fn narrow(x: f32) -> u16 {
-    half::bf16::from_f32(x).to_bits()
-}
+use super::ops::{narrow, widen};
 
 /// `dst[i] = U::f(src[i])`, float32 or bfloat16 (widened, computed in float32, rounded back as torch
 /// does).

@@ -82,12 +82,7 @@ impl candle_core::CustomOp1 for Bf16Scale {
         let apply = |v: f32| if div { v / f } else { v * f };
         let work = |range: std::ops::Range<usize>| {
             for r in range {
-                let mut o = l.start_offset();
-                let mut rem = r;
-                for (d, st) in outer.iter().zip(strides).rev() {
-                    o += (rem % d) * st;
-                    rem /= d;
-                }
+                let o = row_offset(r, l.start_offset(), outer, strides);
                 // SAFETY: row `r` of the output is written by this call only; it lies inside `out`.
                 let dst = unsafe {
                     std::slice::from_raw_parts_mut(
@@ -142,15 +137,28 @@ fn binary(a: &Tensor, b: &Tensor, op: Op) -> Result<Tensor> {
     a.apply_op2_no_bwd(&b, &Bf16Binary(op))
 }
 
+/// Storage offset of row `r` (an index over the `outer` dimensions, row-major) of an operand that
+/// starts at `start` with these `strides`.
+fn row_offset(r: usize, start: usize, outer: &[usize], strides: &[usize]) -> usize {
+    let mut off = start;
+    let mut rem = r;
+    for (d, st) in outer.iter().zip(strides).rev() {
+        off += (rem % d) * st;
+        rem /= d;
+    }
+    off
+}
+
+/// bfloat16 bits -> float32 (exact).
 #[inline(always)]
-fn widen(x: u16) -> f32 {
+pub(crate) fn widen(x: u16) -> f32 {
     f32::from_bits((x as u32) << 16)
 }
 
 /// float32 -> bfloat16 bits, rounding to nearest even; NaN stays NaN (quiet). The same rounding as
 /// `half::bf16::from_f32` and torch, written branch-free so that the loops vectorize.
 #[inline(always)]
-fn narrow(x: f32) -> u16 {
+pub(crate) fn narrow(x: f32) -> u16 {
     let b = x.to_bits();
     let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
     let nan = ((b >> 16) | 0x40) as u16;
@@ -201,15 +209,8 @@ impl candle_core::CustomOp2 for Bf16Binary {
         );
         let outer = &dims[..dims.len().saturating_sub(1)];
         // Start of row `r` in an operand: its multi-index over the outer dims times the strides.
-        let row_start = |r: usize, start: usize, strides: &[usize]| {
-            let mut off = start;
-            let mut rem = r;
-            for (d, st) in outer.iter().zip(strides).rev() {
-                off += (rem % d) * st;
-                rem /= d;
-            }
-            off
-        };
+        let row_start =
+            |r: usize, start: usize, strides: &[usize]| row_offset(r, start, outer, strides);
         let op = self.0;
         let out_ptr = super::cpu::SendPtr(out.as_mut_ptr() as *mut f32);
         let work = |range: std::ops::Range<usize>| {
