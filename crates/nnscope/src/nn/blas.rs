@@ -284,13 +284,30 @@ pub fn backend() -> &'static str {
     }
 }
 
-/// Name of the kernel `Linear` uses for bfloat16 CPU products (`onednn-gemm-bf16` or `candle-gemm`).
+/// Name of the kernel `Linear` uses for bfloat16 CPU products (`amx-bf16`, `onednn-gemm-bf16` or
+/// `candle-gemm`).
 pub fn backend_bf16() -> &'static str {
-    if bf16_kernel().is_some() {
+    if use_amx() {
+        "amx-bf16"
+    } else if bf16_kernel().is_some() {
         "onednn-gemm-bf16"
     } else {
         "candle-gemm"
     }
+}
+
+/// bfloat16 products through our AMX kernel ([`super::amx`]): on CPUs with AMX, unless
+/// `NNSCOPE_GEMM=candle` asks for candle's kernel everywhere (or `NNSCOPE_AMX=0` for this one).
+fn use_amx() -> bool {
+    static CANDLE_ONLY: OnceLock<bool> = OnceLock::new();
+    let candle_only = *CANDLE_ONLY.get_or_init(|| {
+        let choice = std::env::var("NNSCOPE_GEMM").unwrap_or_default();
+        matches!(
+            choice.trim().to_ascii_lowercase().as_str(),
+            "candle" | "none"
+        )
+    });
+    !candle_only && super::amx::available()
 }
 
 fn bf16_kernel() -> Option<(DnnlGemmBf16, Option<SetThreads>)> {
@@ -564,9 +581,9 @@ impl candle_core::CustomOp2 for MatmulNt {
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use candle_core::CpuStorage;
         let (m, n, k, (a0, a1), b0, trans_b) = nt_layout(l1, l2)?;
-        let mut c = vec![0f32; m * n];
         match (s1, s2) {
             (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                let mut c = vec![0f32; m * n];
                 let Some(b) = b.get(b0..b0 + n * k) else {
                     candle_core::bail!("gemm-nt: rhs storage too small");
                 };
@@ -577,6 +594,16 @@ impl candle_core::CustomOp2 for MatmulNt {
                 let Some(b) = b.get(b0..b0 + n * k) else {
                     candle_core::bail!("gemm-nt: rhs storage too small");
                 };
+                if trans_b && use_amx() {
+                    let a = &a[a0..a1];
+                    return Ok(if self.f32_out {
+                        CpuStorage::F32(super::amx::matmul_nt(m, n, k, a, b, k)?)
+                    } else {
+                        CpuStorage::BF16(super::amx::matmul_nt(m, n, k, a, b, k)?)
+                    })
+                    .map(|s| (s, (m, n).into()));
+                }
+                let mut c = vec![0f32; m * n];
                 gemm(m, n, k, &a[a0..a1], b, trans_b, &mut c)?;
                 if self.f32_out {
                     return Ok((CpuStorage::F32(c), (m, n).into()));
@@ -589,28 +616,27 @@ impl candle_core::CustomOp2 for MatmulNt {
 }
 
 /// Rounds float32 to bfloat16 (nearest, ties to even), split over the worker pool when large.
+/// (`ops::narrow`, which vectorizes: `half`'s scalar conversion took 12% of a 128-token product.)
 fn to_bf16(c: &[f32]) -> Vec<half::bf16> {
     let mut out = vec![half::bf16::ZERO; c.len()];
     let block = 1 << 14;
     if c.len() < 2 * block {
-        for (o, &x) in out.iter_mut().zip(c) {
-            *o = half::bf16::from_f32(x);
-        }
-        return out;
-    }
-    let op = super::cpu::SendPtr(out.as_mut_ptr().cast::<f32>());
-    super::cpu::par_for(c.len().div_ceil(block), |range| {
-        for i in range {
-            let (s, e) = (i * block, ((i + 1) * block).min(c.len()));
-            // SAFETY: block `i` of `out` is written by this call alone and lies inside `out`.
-            let o = unsafe {
-                std::slice::from_raw_parts_mut(op.get().cast::<half::bf16>().add(s), e - s)
-            };
-            for (o, &x) in o.iter_mut().zip(&c[s..e]) {
-                *o = half::bf16::from_f32(x);
+        // SAFETY: `half::bf16` is `repr(transparent)` over its u16 bits.
+        let o =
+            unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u16>(), out.len()) };
+        super::ops::narrow_slice(c, o);
+    } else {
+        let op = super::cpu::SendPtr(out.as_mut_ptr().cast::<f32>());
+        super::cpu::par_for(c.len().div_ceil(block), |range| {
+            for i in range {
+                let (s, e) = (i * block, ((i + 1) * block).min(c.len()));
+                // SAFETY: block `i` of `out` is written by this call alone and lies inside `out`.
+                let o =
+                    unsafe { std::slice::from_raw_parts_mut(op.get().cast::<u16>().add(s), e - s) };
+                super::ops::narrow_slice(&c[s..e], o);
             }
-        }
-    });
+        });
+    }
     out
 }
 
@@ -618,9 +644,25 @@ fn to_bf16(c: &[f32]) -> Vec<half::bf16> {
 fn kernel_takes(dtype: DType) -> bool {
     match dtype {
         DType::F32 => kernel().is_some(),
-        DType::BF16 => bf16_kernel().is_some(),
+        DType::BF16 => use_amx() || bf16_kernel().is_some(),
         _ => false,
     }
+}
+
+/// A `Conv1D` weight stored `[in, out]`, returned as `(weight [in, out], weight^T [out, in])`, both
+/// views of one storage. bfloat16 on an AMX CPU keeps `[out, in]` contiguous, the layout the AMX
+/// kernel reads (one transposition at load); otherwise the storage stays as loaded.
+pub(crate) fn prepare_conv1d_weight(w: Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    if w.device().is_cpu() && w.rank() == 2 && w.dtype() == DType::BF16 && use_amx() {
+        let wt = if w.is_contiguous() && !w.track_op() {
+            w.apply_op1_no_bwd(&Transpose)?
+        } else {
+            w.t()?.contiguous()?
+        };
+        return Ok((wt.t()?, wt));
+    }
+    let wt = w.t()?;
+    Ok((w, wt))
 }
 
 /// A `Linear` weight `[out, in]` in the layout the system kernel is fastest with, prepared once at
@@ -724,6 +766,10 @@ fn matmul_nt_with(x: &Tensor, w: &Tensor, f32_out: bool) -> candle_core::Result<
     }
     let w_ok = w.is_contiguous() || w.stride() == [1, w.dim(0)?];
     if !w_ok {
+        return Ok(None);
+    }
+    // The AMX kernel reads `[n, k]` contiguous weights only; other bfloat16 layouts need oneDNN.
+    if dt == DType::BF16 && !(use_amx() && w.is_contiguous()) && bf16_kernel().is_none() {
         return Ok(None);
     }
     x.apply_op2_no_bwd(w, &MatmulNt { f32_out }).map(Some)

@@ -24,6 +24,16 @@ pub(crate) fn par_for(n_items: usize, f: impl Fn(std::ops::Range<usize>) + Sync)
     candle_core::utils::barrier_pool().execute_chunked(n_items, f)
 }
 
+/// Whether the CPU has AVX2 and FMA (checked once; the crate is compiled for baseline x86-64 and
+/// kernels pick their AVX2 builds at run time).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2_fma() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    })
+}
+
 /// Threads of [`par_for`]'s pool (the calling thread included).
 pub(crate) fn par_threads() -> usize {
     candle_core::utils::barrier_pool().n_workers() + 1
@@ -55,12 +65,7 @@ impl candle_core::CustomOp1 for SoftmaxLastDimF32 {
             // bfloat16 scores: widened, computed in float32 and rounded once on the way out, which
             // is what `to_dtype(F32)`, the float32 softmax and `to_dtype(BF16)` give, in one pass.
             CpuStorage::BF16(src) => {
-                let dst = softmax_rows(
-                    &src[a..b],
-                    dim,
-                    |v: &half::bf16| v.to_f32(),
-                    half::bf16::from_f32,
-                );
+                let dst = softmax_rows_bf16(&src[a..b], dim);
                 Ok((CpuStorage::BF16(dst), layout.shape().clone()))
             }
             _ => candle_core::bail!("softmax-last-dim-f32: float32 or bfloat16 only"),
@@ -68,51 +73,42 @@ impl candle_core::CustomOp1 for SoftmaxLastDimF32 {
     }
 }
 
-/// Softmax of each `dim`-long row of `src`, computed in float32 (`load` widens, `store` narrows).
-fn softmax_rows<T: Copy + Send + Sync + Default>(
-    src: &[T],
-    dim: usize,
-    load: impl Fn(&T) -> f32 + Sync,
-    store: impl Fn(f32) -> T + Sync,
-) -> Vec<T> {
+/// Softmax of each `dim`-long bfloat16 row of `src`: widened to float32, [`softmax_row_best`]
+/// (the float32 kernel), rounded once to bfloat16.
+fn softmax_rows_bf16(src: &[half::bf16], dim: usize) -> Vec<half::bf16> {
     let rows = src.len() / dim;
-    let mut dst = vec![T::default(); src.len()];
-    let row = |s: &[T], d: &mut [T], buf: &mut Vec<f32>| {
-        buf.clear();
-        buf.extend(s.iter().map(&load));
-        let max = buf.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for e in buf.iter_mut() {
-            let x = *e - max;
-            *e = if x < -87.0 { 0.0 } else { x.exp() };
-            sum += *e;
-        }
-        for (d, e) in d.iter_mut().zip(buf.iter()) {
-            *d = store(*e / sum);
-        }
+    let mut dst = vec![half::bf16::ZERO; src.len()];
+    let row = |s: &[half::bf16], d: &mut [half::bf16], wide: &mut Vec<f32>, out: &mut Vec<f32>| {
+        wide.clear();
+        wide.extend(s.iter().map(|v| super::ops::widen(v.to_bits())));
+        out.resize(dim, 0.0);
+        softmax_row_best(wide, out);
+        // SAFETY: `half::bf16` is `repr(transparent)` over its u16 bits.
+        let d = unsafe { std::slice::from_raw_parts_mut(d.as_mut_ptr().cast::<u16>(), d.len()) };
+        super::ops::narrow_slice(out, d);
     };
     if src.len() < 1 << 16 {
-        let mut buf = Vec::with_capacity(dim);
+        let (mut wide, mut out) = (Vec::with_capacity(dim), Vec::with_capacity(dim));
         for (s, d) in src.chunks(dim).zip(dst.chunks_mut(dim)) {
-            row(s, d, &mut buf);
+            row(s, d, &mut wide, &mut out);
         }
     } else {
         let dp = SendPtr(dst.as_mut_ptr().cast::<f32>());
         par_for(rows, |range| {
-            let mut buf = Vec::with_capacity(dim);
+            let (mut wide, mut out) = (Vec::with_capacity(dim), Vec::with_capacity(dim));
             for r in range {
                 // SAFETY: each row index is handed to exactly one call; rows lie inside `dst`.
                 let d = unsafe {
-                    std::slice::from_raw_parts_mut(dp.get().cast::<T>().add(r * dim), dim)
+                    std::slice::from_raw_parts_mut(dp.get().cast::<half::bf16>().add(r * dim), dim)
                 };
-                row(&src[r * dim..(r + 1) * dim], d, &mut buf);
+                row(&src[r * dim..(r + 1) * dim], d, &mut wide, &mut out);
             }
         });
     }
     dst
 }
 
-/// [`softmax_rows`] for float32, through [`softmax_row_best`] (vectorized `exp`, see there).
+/// Softmax rows for float32, through [`softmax_row_best`] (vectorized `exp`, see there).
 fn softmax_rows_f32(src: &[f32], dim: usize) -> Vec<f32> {
     let rows = src.len() / dim;
     let mut dst = vec![0f32; src.len()];
@@ -282,7 +278,7 @@ unsafe fn softmax_row_avx2(s: &[f32], d: &mut [f32]) {
 
 fn softmax_row_best(s: &[f32], d: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if has_avx2_fma() {
         // SAFETY: the CPU has the features the function is compiled for (checked just above).
         return unsafe { softmax_row_avx2(s, d) };
     }

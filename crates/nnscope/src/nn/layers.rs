@@ -48,8 +48,9 @@ pub fn gemm_backend() -> &'static str {
     super::blas::backend()
 }
 
-/// Which kernel `Linear`/`Conv1D` use for bfloat16 on the CPU: `onednn-gemm-bf16` (AVX512-BF16/AMX
-/// where the CPU has them) when oneDNN is available, `candle-gemm` otherwise.
+/// Which kernel `Linear`/`Conv1D` use for bfloat16 on the CPU: `amx-bf16` (nnscope's own AMX kernel)
+/// on CPUs with AMX, else `onednn-gemm-bf16` (AVX512-BF16 where the CPU has it) when oneDNN is
+/// available, `candle-gemm` otherwise.
 pub fn gemm_backend_bf16() -> &'static str {
     super::blas::backend_bf16()
 }
@@ -170,8 +171,9 @@ pub struct Conv1D {
     pub weight: Tensor,
     /// [out_features].
     pub bias: Tensor,
-    /// `weight.t()`: a strided view ([out, in]), not a copy. Both kernels read the stored [in, out]
-    /// layout directly, so the forward needs no copy and the weights are held once in memory.
+    /// `weight.t()` ([out, in]): a view of the same storage, so the weights are held once in memory.
+    /// Float32 kernels read the stored [in, out] layout directly; bfloat16 on an AMX CPU stores
+    /// [out, in] contiguous (transposed once at load, see `blas::prepare_conv1d_weight`).
     weight_t: Tensor,
     scope: Scope,
 }
@@ -179,9 +181,8 @@ pub struct Conv1D {
 impl Conv1D {
     /// Loads `weight` [nx, nf] and `bias` [nf].
     pub fn new(nf: usize, nx: usize, vb: Builder) -> Result<Self> {
-        let weight = vb.get((nx, nf), "weight")?;
+        let (weight, weight_t) = super::blas::prepare_conv1d_weight(vb.get((nx, nf), "weight")?)?;
         let bias = vb.get(nf, "bias")?;
-        let weight_t = weight.t()?;
         Ok(Conv1D {
             weight,
             bias,

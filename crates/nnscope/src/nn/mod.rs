@@ -4,6 +4,7 @@
 //! `nn::Linear`, `nn::LayerNorm`, `nn::functional::softmax`, `nn::functional::dropout`.
 
 mod activation;
+mod amx;
 mod attention;
 mod blas;
 mod builder;

@@ -91,9 +91,7 @@ impl candle_core::CustomOp1 for Bf16Scale {
                     )
                 };
                 if i1 == 1 {
-                    for (d, &v) in dst.iter_mut().zip(&x[o..o + inner]) {
-                        *d = narrow(apply(widen(v)));
-                    }
+                    scale_row_best(&x[o..o + inner], dst, f, div);
                 } else {
                     for (j, d) in dst.iter_mut().enumerate() {
                         *d = narrow(apply(widen(x[o + j * i1])));
@@ -224,7 +222,7 @@ impl candle_core::CustomOp2 for Bf16Binary {
                         inner,
                     )
                 };
-                row(op, x, o1, i1, y, o2, i2, dst);
+                row_best(op, x, o1, i1, y, o2, i2, dst);
             }
         };
         if n < 1 << 15 {
@@ -234,6 +232,93 @@ impl candle_core::CustomOp2 for Bf16Binary {
         }
         Ok((CpuStorage::BF16(out), shape))
     }
+}
+
+/// `row` compiled for AVX2 when the CPU has it (the crate itself targets baseline x86-64, whose
+/// SSE2 has no 8-wide integer shifts or packs: the widen/round steps then take four times the work).
+#[allow(clippy::too_many_arguments)]
+fn row_best(
+    op: Op,
+    x: &[u16],
+    o1: usize,
+    i1: usize,
+    y: &[u16],
+    o2: usize,
+    i2: usize,
+    dst: &mut [u16],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu::has_avx2_fma() {
+        // SAFETY: the CPU has the features the function is compiled for (checked just above).
+        return unsafe { row_avx2(op, x, o1, i1, y, o2, i2, dst) };
+    }
+    row(op, x, o1, i1, y, o2, i2, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn row_avx2(
+    op: Op,
+    x: &[u16],
+    o1: usize,
+    i1: usize,
+    y: &[u16],
+    o2: usize,
+    i2: usize,
+    dst: &mut [u16],
+) {
+    row(op, x, o1, i1, y, o2, i2, dst)
+}
+
+/// `dst[i] = round(src[i] * f)` (or `/ f` with `div`), contiguous bfloat16 rows, with AVX2 where
+/// the CPU has it.
+fn scale_row_best(src: &[u16], dst: &mut [u16], f: f32, div: bool) {
+    #[inline(always)]
+    fn run(src: &[u16], dst: &mut [u16], f: f32, div: bool) {
+        if div {
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = narrow(widen(v) / f);
+            }
+        } else {
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = narrow(widen(v) * f);
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2(src: &[u16], dst: &mut [u16], f: f32, div: bool) {
+        run(src, dst, f, div)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu::has_avx2_fma() {
+        // SAFETY: the CPU has the features the function is compiled for (checked just above).
+        return unsafe { run_avx2(src, dst, f, div) };
+    }
+    run(src, dst, f, div)
+}
+
+/// `dst[i] = narrow(src[i])` (float32 to bfloat16 bits, rounded as torch rounds), with AVX2 where
+/// the CPU has it.
+pub(crate) fn narrow_slice(src: &[f32], dst: &mut [u16]) {
+    #[inline(always)]
+    fn run(src: &[f32], dst: &mut [u16]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = narrow(s);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2(src: &[f32], dst: &mut [u16]) {
+        run(src, dst)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu::has_avx2_fma() {
+        // SAFETY: the CPU has the features the function is compiled for (checked just above).
+        return unsafe { run_avx2(src, dst) };
+    }
+    run(src, dst)
 }
 
 /// One row: `dst[j] = x[o1 + j*i1] op y[o2 + j*i2]`, with the common stride patterns as tight loops.

@@ -351,8 +351,8 @@ pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
 /// Applies rotary embeddings to q and k ([B, H, T, D]); cos/sin are [B, T, D] (or [1, T, D]).
 ///
 /// transformers' `apply_rotary_pos_emb`: `q * cos + rotate_half(q) * sin`, the same for k. When no
-/// request of the running trace (if any) lies inside this call and the tensors are float32 on the
-/// CPU, it runs as one fused pass per tensor with the same float32 roundings (the identical
+/// request of the running trace (if any) lies inside this call and the tensors are float32 or
+/// bfloat16 on the CPU, it runs as one fused pass per tensor with the same roundings (the identical
 /// result, without the six intermediate tensors per call); otherwise the instrumented version
 /// below runs, whose inner calls (`rotate_half_0`, ...) a trace can reach.
 pub fn apply_rotary_pos_emb(
@@ -396,10 +396,12 @@ fn rope_fusable(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
         return false;
     };
     let cd = cos.dims();
-    [x, cos, sin]
-        .iter()
-        .all(|v| v.dtype() == DType::F32 && v.device().is_cpu() && !v.track_op())
-        && d % 2 == 0
+    [x, cos, sin].iter().all(|v| {
+        matches!(v.dtype(), DType::F32 | DType::BF16)
+            && v.dtype() == x.dtype()
+            && v.device().is_cpu()
+            && !v.track_op()
+    }) && d % 2 == 0
         && cd.len() == 3
         && (cd[0] == b || cd[0] == 1)
         && cd[1] == t
@@ -409,72 +411,176 @@ fn rope_fusable(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
         && sin.is_contiguous()
 }
 
-/// `x * cos + rotate_half(x) * sin` for float32 CPU tensors (see [`rope_fusable`]), as a contiguous
-/// [B, H, T, D] tensor: each product and the sum rounded to float32 exactly as the three separate
-/// ops round them. `None` when the storages are not the expected ones.
+/// `x * cos + rotate_half(x) * sin` for float32 or bfloat16 CPU tensors (see [`rope_fusable`]),
+/// as a contiguous [B, H, T, D] tensor: each product and the sum rounded exactly as the three
+/// separate ops round them (bfloat16: computed in float32 and rounded to bfloat16 after each op,
+/// as torch does). `None` when the storages are not the expected ones.
 fn rope_f32(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
     use candle_core::{CpuStorage, Storage};
-    let (b, h, t, d) = x.dims4()?;
-    let cb = cos.dim(0)?;
-    let half = d / 2;
     let (xs, xl) = x.storage_and_layout();
     let (cs, cl) = cos.storage_and_layout();
     let (ss, sl) = sin.storage_and_layout();
-    let (
-        Storage::Cpu(CpuStorage::F32(xv)),
-        Storage::Cpu(CpuStorage::F32(cv)),
-        Storage::Cpu(CpuStorage::F32(sv)),
-        Some((c0, c1)),
-        Some((s0, s1)),
-    ) = (
-        &*xs,
-        &*cs,
-        &*ss,
-        cl.contiguous_offsets(),
-        sl.contiguous_offsets(),
-    )
-    else {
+    let (Some(cr), Some(sr)) = (cl.contiguous_offsets(), sl.contiguous_offsets()) else {
         return Ok(None);
     };
-    let (cv, sv) = (&cv[c0..c1], &sv[s0..s1]);
-    let st = xl.stride();
-    let off = xl.start_offset();
-    let mut out = vec![0f32; b * h * t * d];
+    let dims = RopeDims::of(x, cos, xl)?;
+    let shape = (dims.b, dims.h, dims.t, dims.d);
+    let out = match (&*xs, &*cs, &*ss) {
+        (
+            Storage::Cpu(CpuStorage::F32(xv)),
+            Storage::Cpu(CpuStorage::F32(cv)),
+            Storage::Cpu(CpuStorage::F32(sv)),
+        ) => rope_rows_best(&dims, xv, &cv[cr.0..cr.1], &sv[sr.0..sr.1])
+            .map(|v| Tensor::from_vec(v, shape, x.device())),
+        (
+            Storage::Cpu(CpuStorage::BF16(xv)),
+            Storage::Cpu(CpuStorage::BF16(cv)),
+            Storage::Cpu(CpuStorage::BF16(sv)),
+        ) => rope_rows_best(&dims, xv, &cv[cr.0..cr.1], &sv[sr.0..sr.1])
+            .map(|v| Tensor::from_vec(v, shape, x.device())),
+        _ => None,
+    };
+    drop((xs, cs, ss));
+    out.transpose()
+}
+
+/// The shape and strides [`rope_rows`] walks.
+struct RopeDims {
+    b: usize,
+    h: usize,
+    t: usize,
+    d: usize,
+    /// `cos`/`sin` batch size (1: shared by every row).
+    cb: usize,
+    stride: [usize; 4],
+    offset: usize,
+}
+
+impl RopeDims {
+    fn of(x: &Tensor, cos: &Tensor, xl: &candle_core::Layout) -> Result<Self> {
+        let (b, h, t, d) = x.dims4()?;
+        let st = xl.stride();
+        Ok(RopeDims {
+            b,
+            h,
+            t,
+            d,
+            cb: cos.dim(0)?,
+            stride: [st[0], st[1], st[2], st[3]],
+            offset: xl.start_offset(),
+        })
+    }
+}
+
+/// Elements the fused rope takes: float32, or bfloat16 (computed in float32, rounded per op).
+trait RopeElem: Copy + Default {
+    fn load(self) -> f32;
+    fn store(v: f32) -> Self;
+    /// `v` rounded to this type and back (what storing an intermediate result does).
+    fn round(v: f32) -> f32;
+}
+
+impl RopeElem for f32 {
+    #[inline(always)]
+    fn load(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn store(v: f32) -> f32 {
+        v
+    }
+    #[inline(always)]
+    fn round(v: f32) -> f32 {
+        v
+    }
+}
+
+impl RopeElem for half::bf16 {
+    #[inline(always)]
+    fn load(self) -> f32 {
+        ops::widen(self.to_bits())
+    }
+    #[inline(always)]
+    fn store(v: f32) -> half::bf16 {
+        half::bf16::from_bits(ops::narrow(v))
+    }
+    #[inline(always)]
+    fn round(v: f32) -> f32 {
+        ops::widen(ops::narrow(v))
+    }
+}
+
+/// [`rope_rows`] compiled for AVX2 where the CPU has it.
+fn rope_rows_best<T: RopeElem>(dims: &RopeDims, xv: &[T], cv: &[T], sv: &[T]) -> Option<Vec<T>> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<T: RopeElem>(
+            dims: &RopeDims,
+            xv: &[T],
+            cv: &[T],
+            sv: &[T],
+        ) -> Option<Vec<T>> {
+            rope_rows(dims, xv, cv, sv)
+        }
+        if super::cpu::has_avx2_fma() {
+            // SAFETY: the CPU has the features the function is compiled for (checked just above).
+            return unsafe { avx2(dims, xv, cv, sv) };
+        }
+    }
+    rope_rows(dims, xv, cv, sv)
+}
+
+#[inline(always)]
+fn rope_rows<T: RopeElem>(dims: &RopeDims, xv: &[T], cv: &[T], sv: &[T]) -> Option<Vec<T>> {
+    let RopeDims {
+        b,
+        h,
+        t,
+        d,
+        cb,
+        stride: st,
+        offset: off,
+    } = *dims;
+    let half = d / 2;
+    let mut out = vec![T::default(); b * h * t * d];
     let mut rows = out.chunks_exact_mut(d);
     for bi in 0..b {
         let cbi = if cb == 1 { 0 } else { bi };
         for hi in 0..h {
             for ti in 0..t {
                 let base = off + bi * st[0] + hi * st[1] + ti * st[2];
-                let c = &cv[(cbi * t + ti) * d..][..d];
-                let s = &sv[(cbi * t + ti) * d..][..d];
-                let Some(o) = rows.next() else {
-                    return Ok(None);
+                let c = cv.get((cbi * t + ti) * d..)?.get(..d)?;
+                let s = sv.get((cbi * t + ti) * d..)?.get(..d)?;
+                let o = rows.next()?;
+                // `x * cos` and `rotate_half(x) * sin` are each rounded, then their sum.
+                let f = |x: f32, c: T, rot: f32, s: T| {
+                    T::store(T::round(x * c.load()) + T::round(rot * s.load()))
                 };
                 if st[3] == 1 {
-                    let xr = &xv[base..base + d];
+                    let xr = xv.get(base..base + d)?;
                     let (x1, x2) = xr.split_at(half);
                     let (o1, o2) = o.split_at_mut(half);
                     for i in 0..half {
-                        o1[i] = x1[i] * c[i] + -x2[i] * s[i];
-                        o2[i] = x2[i] * c[half + i] + x1[i] * s[half + i];
+                        let (a, b) = (x1[i].load(), x2[i].load());
+                        o1[i] = f(a, c[i], -b, s[i]);
+                        o2[i] = f(b, c[half + i], a, s[half + i]);
                     }
                 } else {
-                    let at = |i: usize| xv[base + i * st[3]];
+                    let at = |i: usize| xv.get(base + i * st[3]).map(|v| v.load());
                     for i in 0..d {
                         let rot = if i < half {
-                            -at(i + half)
+                            -at(i + half)?
                         } else {
-                            at(i - half)
+                            at(i - half)?
                         };
-                        o[i] = at(i) * c[i] + rot * s[i];
+                        o[i] = f(at(i)?, c[i], rot, s[i]);
                     }
                 }
             }
         }
     }
-    drop((xs, cs, ss));
-    Tensor::from_vec(out, (b, h, t, d), x.device()).map(Some)
+    Some(out)
 }
 
 #[cfg(test)]
@@ -488,23 +594,25 @@ mod tests {
     fn fused_rope_is_the_instrumented_result() -> Result<()> {
         let dev = Device::Cpu;
         let (b, t, h, d) = (2, 5, 3, 8);
-        let x = Tensor::randn(0f32, 1.0, (b, t, h, d), &dev)?.transpose(1, 2)?;
-        let y = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev)?;
-        for cb in [b, 1] {
-            let cos = Tensor::randn(0f32, 1.0, (cb, t, d), &dev)?;
-            let sin = Tensor::randn(0f32, 1.0, (cb, t, d), &dev)?;
-            assert!(rope_fusable(&x, &cos, &sin) && rope_fusable(&y, &cos, &sin));
-            let (fq, fk) = apply_rotary_pos_emb(&x, &y, &cos, &sin)?;
-            let (q, k) = instrumented::apply_rotary_pos_emb(&x, &y, &cos, &sin)?;
-            assert_eq!(fq.dims(), q.dims());
-            assert_eq!(
-                fq.flatten_all()?.to_vec1::<f32>()?,
-                q.flatten_all()?.to_vec1::<f32>()?
-            );
-            assert_eq!(
-                fk.flatten_all()?.to_vec1::<f32>()?,
-                k.flatten_all()?.to_vec1::<f32>()?
-            );
+        for dt in [DType::F32, DType::BF16] {
+            let x = Tensor::randn(0f32, 1.0, (b, t, h, d), &dev)?
+                .to_dtype(dt)?
+                .transpose(1, 2)?;
+            let y = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev)?.to_dtype(dt)?;
+            for cb in [b, 1] {
+                let cos = Tensor::randn(0f32, 1.0, (cb, t, d), &dev)?.to_dtype(dt)?;
+                let sin = Tensor::randn(0f32, 1.0, (cb, t, d), &dev)?.to_dtype(dt)?;
+                assert!(rope_fusable(&x, &cos, &sin) && rope_fusable(&y, &cos, &sin));
+                let (fq, fk) = apply_rotary_pos_emb(&x, &y, &cos, &sin)?;
+                let (q, k) = instrumented::apply_rotary_pos_emb(&x, &y, &cos, &sin)?;
+                assert_eq!(fq.dims(), q.dims());
+                assert_eq!(fq.dtype(), dt);
+                let bits = |t: &Tensor| -> Result<Vec<f32>> {
+                    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+                };
+                assert_eq!(bits(&fq)?, bits(&q)?, "{dt:?}");
+                assert_eq!(bits(&fk)?, bits(&k)?, "{dt:?}");
+            }
         }
         Ok(())
     }
