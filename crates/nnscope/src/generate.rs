@@ -252,7 +252,8 @@ pub(crate) fn generate_loop(
     };
     let pad = generation_pad_id(model);
     let mut sampler = Sampler::new(opts);
-    let cache = KvCache::new();
+    // Room for every position the loop feeds: the prompt, then N - 1 new tokens.
+    let cache = KvCache::with_capacity(ids.dim(1)? + opts.max_new_tokens.saturating_sub(1));
     let mut mask = mask.to_dtype(DType::U32)?;
     let mut step_ids = ids.to_dtype(DType::U32)?;
     let mut unfinished = vec![true; b];

@@ -463,10 +463,14 @@ fn gemm<T: GemmElem>(
     }
     let threads = super::cpu::par_threads();
     // Small products, or too few columns to share: one call on this thread. Below ~4M multiply-adds
-    // (about 0.1 ms on one core) waking a parked worker can cost more than the split saves.
+    // (about 0.1 ms on one core) waking a parked worker can cost more than the split saves; but a
+    // product of few rows (a decode step) is bound by reading `b`, not by its multiply-adds: from
+    // 1 MiB of weights on (about 60 us on one core) two threads read it faster.
     let macs = m * n * k;
+    let b_bytes = n * k * std::mem::size_of::<T>();
     let col_block = 64;
-    let chunks = if threads == 1 || macs < (1 << 22) || n < 2 * col_block {
+    let small = macs < (1 << 22) && b_bytes < (1 << 20);
+    let chunks = if threads == 1 || small || n < 2 * col_block {
         1
     } else {
         // Two chunks per thread let a fast thread take over part of a descheduled one's share.
