@@ -254,8 +254,11 @@ mod imp {
             // process by `available`.
             unsafe { panel(m, n, k, xp.get(), bp.get(), ldb, cp.get(), range) }
         };
-        // Small products on this thread: waking the pool costs more than it saves.
-        if threads == 1 || blocks < 2 || m * n * k < (1 << 21) {
+        // Small products on this thread: waking the pool costs more than it saves. But a product
+        // that reads 1 MiB of weights or more is split however few its tokens: a decode step is
+        // bound by reading weights, and two threads read them faster than one (as in `blas::gemm`).
+        let small = m * n * k < (1 << 21) && n * k * 2 < (1 << 20);
+        if threads == 1 || blocks < 2 || small {
             work(0..blocks);
         } else {
             crate::nn::cpu::par_for(blocks, work);
@@ -318,12 +321,12 @@ mod imp {
                 // prefetcher does not follow 32 rows at once, and at 128 tokens the products wait
                 // on memory otherwise. Each pass over the tokens prefetches a share of its rows,
                 // one cache line per row per `k` block.
+                let passes = (mc1 - mc0).div_ceil(2);
                 let next_rows = if blk + 1 < range.end {
                     (n - n0 - rows).min(NB)
                 } else {
                     0
                 };
-                let passes = (mc1 - mc0).div_ceil(2);
                 let per_pass = next_rows.div_ceil(passes);
                 let next = b.wrapping_add((n0 + NB) * ldb);
                 let mut mb = mc0;
