@@ -332,7 +332,7 @@ pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// [`rms_norm`] in one pass per row for a contiguous float32 CPU `x` and a float32 `w` of the last
-/// dimension's size; `None` otherwise. The same operations as the seven-op version (mean of squares,
+/// dimension's size (bfloat16 `x` and `w`: [`rms_norm_bf16`]); `None` otherwise. The same operations as the seven-op version (mean of squares,
 /// plus eps, sqrt, reciprocal, x times it, times w), in float32 as there (the sum of squares in 8 partial sums), without six
 /// intermediate tensors (the fixed cost of those dominated a norm at a few tokens).
 fn rms_norm_f32(x: &Tensor, w: &Tensor, eps: f64) -> Result<Option<Tensor>> {
@@ -340,6 +340,9 @@ fn rms_norm_f32(x: &Tensor, w: &Tensor, eps: f64) -> Result<Option<Tensor>> {
         Some(&d) if d > 0 => d,
         _ => return Ok(None),
     };
+    if x.dtype() == DType::BF16 && w.dtype() == DType::BF16 {
+        return rms_norm_bf16(x, w, eps, dim);
+    }
     if x.dtype() != DType::F32
         || w.dtype() != DType::F32
         || !x.device().is_cpu()
@@ -388,6 +391,90 @@ fn rms_norm_f32(x: &Tensor, w: &Tensor, eps: f64) -> Result<Option<Tensor>> {
                 // SAFETY: each row index is handed to exactly one call; rows lie inside `out`.
                 let or = unsafe { std::slice::from_raw_parts_mut(op.get().add(r * dim), dim) };
                 row(&xs[r * dim..(r + 1) * dim], or);
+            }
+        });
+    }
+    drop(storage);
+    Tensor::from_vec(out, x.shape(), x.device()).map(Some)
+}
+
+/// [`rms_norm_f32`] for bfloat16 `x` and `w`, rounding where the op-by-op version (and transformers)
+/// round: the normalized row in float32 is rounded to bfloat16, then multiplied by the weight and
+/// rounded again. Rows run through an AVX2 build where the CPU has it.
+fn rms_norm_bf16(x: &Tensor, w: &Tensor, eps: f64, dim: usize) -> Result<Option<Tensor>> {
+    use super::ops::{narrow, widen};
+    if !x.device().is_cpu()
+        || !w.device().is_cpu()
+        || w.dims() != [dim]
+        || !x.is_contiguous()
+        || x.track_op()
+        || w.track_op()
+    {
+        return Ok(None);
+    }
+    let ws: Vec<f32> = w
+        .to_vec1::<half::bf16>()?
+        .iter()
+        .map(|v| v.to_f32())
+        .collect();
+    let (storage, layout) = x.storage_and_layout();
+    let (candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(data)), Some((a, b))) =
+        (&*storage, layout.contiguous_offsets())
+    else {
+        return Ok(None);
+    };
+    let xs = &data[a..b];
+    let mut out = vec![half::bf16::ZERO; xs.len()];
+    let eps = eps as f32;
+    #[inline(always)]
+    fn row(xr: &[half::bf16], or: &mut [half::bf16], ws: &[f32], eps: f32) {
+        let mut acc = [0f32; 8];
+        let mut chunks = xr.chunks_exact(8);
+        for c in &mut chunks {
+            for (a, v) in acc.iter_mut().zip(c) {
+                let v = widen(v.to_bits());
+                *a += v * v;
+            }
+        }
+        let tail: f32 = chunks
+            .remainder()
+            .iter()
+            .map(|v| widen(v.to_bits()) * widen(v.to_bits()))
+            .sum();
+        let sq = acc.iter().sum::<f32>() + tail;
+        let r = 1.0 / (sq / xr.len() as f32 + eps).sqrt();
+        for ((o, v), &wv) in or.iter_mut().zip(xr).zip(ws) {
+            let y = widen(narrow(widen(v.to_bits()) * r));
+            *o = half::bf16::from_bits(narrow(wv * y));
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn row_avx2(xr: &[half::bf16], or: &mut [half::bf16], ws: &[f32], eps: f32) {
+        row(xr, or, ws, eps)
+    }
+    let run = |xr: &[half::bf16], or: &mut [half::bf16]| {
+        #[cfg(target_arch = "x86_64")]
+        if super::cpu::has_avx2_fma() {
+            // SAFETY: the CPU has the features the function is compiled for (checked just above).
+            return unsafe { row_avx2(xr, or, &ws, eps) };
+        }
+        row(xr, or, &ws, eps)
+    };
+    let rows = xs.len() / dim;
+    if xs.len() < 1 << 16 {
+        for (xr, or) in xs.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+            run(xr, or);
+        }
+    } else {
+        let op = super::cpu::SendPtr(out.as_mut_ptr().cast::<f32>());
+        super::cpu::par_for(rows, |range| {
+            for r in range {
+                // SAFETY: each row index is handed to exactly one call; rows lie inside `out`.
+                let or = unsafe {
+                    std::slice::from_raw_parts_mut(op.get().cast::<half::bf16>().add(r * dim), dim)
+                };
+                run(&xs[r * dim..(r + 1) * dim], or);
             }
         });
     }
@@ -448,6 +535,33 @@ mod tests {
             let theirs = w.broadcast_mul(&x.broadcast_mul(&(var + 1e-6)?.sqrt()?.recip()?)?)?;
             let diff = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-5, "dim {dim}: max difference {diff}");
+            // bfloat16: the op-by-op version (the path taken when the kernel declines).
+            let (xb, wb) = (x.to_dtype(DType::BF16)?, w.to_dtype(DType::BF16)?);
+            let Some(ours) = rms_norm_f32(&xb, &wb, 1e-6)? else {
+                panic!("the kernel takes contiguous bfloat16 tensors");
+            };
+            let xf = xb.to_dtype(DType::F32)?;
+            let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+            let y = xf.broadcast_mul(&(var + 1e-6)?.sqrt()?.recip()?)?;
+            let theirs = wb.broadcast_mul(&y.to_dtype(DType::BF16)?)?;
+            let (o, t) = (ours.to_dtype(DType::F32)?, theirs.to_dtype(DType::F32)?);
+            // Equal up to the sum's order: at most one bfloat16 step (2^-7 relative) apart.
+            let rel = ((&o - &t)?.abs()? / (t.abs()? + 1e-6)?)?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(
+                rel <= 1.0 / 64.0,
+                "bf16 dim {dim}: max relative difference {rel}"
+            );
+            let same = o
+                .eq(&t)?
+                .to_dtype(DType::F32)?
+                .mean_all()?
+                .to_scalar::<f32>()?;
+            assert!(
+                same > 0.95,
+                "bf16 dim {dim}: only {same} of the values equal"
+            );
         }
         Ok(())
     }
