@@ -40,9 +40,10 @@ def dtype_of(r):
     return "bfloat16" if d in ("bf16", "bfloat16") else "float32"
 
 
-def is_candle_forced(r):
-    """An nnscope row timed with NNSCOPE_GEMM=candle: the default build on a machine without oneDNN."""
-    return str(r.get("gemm_forced") or "").lower() in ("candle", "none")
+def is_default_forced(r):
+    """An nnscope row timed with NNSCOPE_GEMM=nnscope (or an earlier run's `candle`): the default build on a
+    machine without oneDNN or OpenBLAS."""
+    return str(r.get("gemm_forced") or "").lower() in ("nnscope", "native", "candle", "none")
 
 
 def best_rounds(rows):
@@ -52,7 +53,7 @@ def best_rounds(rows):
     for r in rows:
         r["dtype"] = dtype_of(r)
         k = (r.get("contender"), r.get("mode"), r.get("n"), r.get("model"), r.get("batch"), r.get("tokens"),
-             r.get("instrumented"), r["dtype"], is_candle_forced(r))
+             r.get("instrumented"), r["dtype"], is_default_forced(r))
         if k not in best:
             best[k] = dict(r)
             order.append(k)
@@ -132,7 +133,7 @@ def main():
     lock = open(os.path.join(os.path.dirname(__file__), "..", "Cargo.lock")).read()
     m = re.search(r'name = "candle-core"\nversion = "([^"]+)"', lock)
     candle = m.group(1) if m else "?"
-    nns = [r for r in rows if r.get("contender") == "nnscope" and "backend" in r and not is_candle_forced(r)]
+    nns = [r for r in rows if r.get("contender") == "nnscope" and "backend" in r and not is_default_forced(r)]
     backend = next((r["backend"] for r in nns if r["dtype"] == "float32"), "?")
     backend16 = next((r["backend"] for r in nns if r["dtype"] == "bfloat16"), "?")
 
@@ -163,19 +164,27 @@ def main():
         sizes = sorted({r["n"] for r in mmd})
         p("| kernel | " + " | ".join(str(n) for n in sizes) + " |")
         p("| --- |" + " --- |" * len(sizes))
-        for who in ("torch", "nnscope", "candle"):
-            if not any(r["contender"] == who for r in mmd):
+        def pick(who):
+            if who == "nnscope-default":
+                return lambda r: r["contender"] == "nnscope" and is_default_forced(r)
+            if who == "nnscope":
+                return lambda r: r["contender"] == "nnscope" and not is_default_forced(r)
+            return lambda r: r["contender"] == who
+        for who in ("torch", "nnscope", "nnscope-default", "candle"):
+            sel = [r for r in mmd if pick(who)(r)]
+            if not sel:
                 continue
             cells = []
             for n in sizes:
-                r = next((r for r in mmd if r["contender"] == who and r["n"] == n), None)
+                r = next((r for r in sel if r["n"] == n), None)
                 cells.append(f"{r['gflops']:.0f} GFLOP/s" if r else "-")
-            kb = next((r.get("backend") for r in mmd if r["contender"] == "nnscope"), "?")
+            kb = sel[0].get("backend", "?")
             label = {"torch": "PyTorch (measured peak)", "nnscope": f"nnscope Linear ({kb})",
+                     "nnscope-default": f"nnscope Linear without a system library ({kb})",
                      "candle": "candle's own kernel (`gemm` crate)"}[who]
             p(f"| {label} | " + " | ".join(cells) + " |")
         tp = [r["gflops"] for r in mmd if r["contender"] == "torch"]
-        np_ = [r["gflops"] for r in mmd if r["contender"] == "nnscope"]
+        np_ = [r["gflops"] for r in mmd if r["contender"] == "nnscope" and not is_default_forced(r)]
         peaks[dt] = max(tp) if tp else None
         nbest = max(np_) if np_ else None
         rel = f" ({100 * nbest / peaks[dt]:.0f}% of it)" if nbest and peaks[dt] else ""
@@ -188,7 +197,7 @@ def main():
     def get(contender, mode, model, b, t, instrumented=None, dtype="float32", candle_forced=False):
         for r in fw:
             if (r["contender"] == contender and r["mode"] == mode and r["model"] == model and r["batch"] == b
-                    and r["tokens"] == t and r["dtype"] == dtype and is_candle_forced(r) == candle_forced):
+                    and r["tokens"] == t and r["dtype"] == dtype and is_default_forced(r) == candle_forced):
                 if instrumented is None or r.get("instrumented") == instrumented:
                     return r
         return None
@@ -235,7 +244,7 @@ def main():
     p("\n(4)/(2) > 1 means nnscope's trace is faster than nnsight's; (3)/(1) > 1 means nnscope's plain forward")
     p("is faster than transformers'.\n")
 
-    # The default build on a machine without a system library: candle's kernel (NNSCOPE_GEMM=candle).
+    # The default build on a machine without a system library: nnscope's own kernel (NNSCOPE_GEMM=nnscope).
     dflt = []
     for name, b, t, r1, *_rest in summary:
         model = _rest[-1]
@@ -244,10 +253,13 @@ def main():
             dflt.append((name, b, t, r1, rc))
     if dflt:
         p("## Default build without a system library (float32)\n")
-        p(f"(1) as above (`{backend}`), (1c) the same binary with `NNSCOPE_GEMM=candle`: candle's own kernel")
-        p("(the `gemm` crate) for every product, which is what `cargo install` users get on a machine without")
-        p("oneDNN or OpenBLAS.\n")
-        p("| model | B x T | (1) best build | (1c) candle's kernel | (1c)/(1) |")
+        bk = dflt[0][4].get("backend", "?")
+        forced = dflt[0][4].get("gemm_forced") or "?"
+        p(f"(1) as above (`{backend}`), (1c) the same binary with `NNSCOPE_GEMM={forced}` (`{bk}`): what")
+        p("`cargo install` users get on a machine without oneDNN or OpenBLAS (`nnscope-sgemm`: nnscope's own")
+        p("AVX-512 kernel up to 80 rows, the `gemm` crate with its AVX-512 code above; `candle-gemm`: candle's")
+        p("matmul).\n")
+        p(f"| model | B x T | (1) best build | (1c) default build (`{bk}`) | (1c)/(1) |")
         p("| --- | --- | --- | --- | --- |")
         for name, b, t, r1, rc in dflt:
             p(f"| {name} | {b}x{t} | {cell(r1)} | {cell(rc)} | {fx(ratio(rc, r1))} |")
@@ -368,12 +380,13 @@ def main():
         rs = [(d, ratio(d[4], d[3])) for d in dflt if "fixture" not in d[0] and ratio(d[4], d[3])]
         if rs:
             w = max(rs, key=lambda x: x[1])
-            lines.append(f"- default build (no system library: candle's kernel) <= 1.25x slower than the best build on the checkpoints "
-                         f"(`{backend}`): **{'met' if w[1] <= 1.25 else 'missed'}** (candle/best up to {w[1]:.2f}x at "
+            bk = dflt[0][4].get("backend", "?")
+            lines.append(f"- default build (no system library: `{bk}`) <= 1.25x slower than the best build on the checkpoints "
+                         f"(`{backend}`): **{'met' if w[1] <= 1.25 else 'missed'}** (default/best up to {w[1]:.2f}x at "
                          f"{w[0][0]} {w[0][1]}x{w[0][2]}, from {min(x[1] for x in rs):.2f}x)")
-    elif backend == "candle-gemm":
+    elif backend in ("candle-gemm", "nnscope-sgemm"):
         lines.append("- default build <= 1.25x slower than the best build: **not measured** (no system library was "
-                     "found, so every row above is already candle's kernel)")
+                     f"found, so every row above is already the default build's kernel, `{backend}`)")
     hk = [(s, s[3]["min_ms"] / s[4]["min_ms"] - 1) for s in summary if s[3] and s[4]]
     if hk:
         worst = max(hk, key=lambda x: x[1])

@@ -121,9 +121,9 @@ cp "$TARGET/release/examples/bench" "$WORK/bench-hooks"
 log "building nnscope bench (no hooks: --no-default-features)"
 cargo build --release -p nnscope --example bench --no-default-features "${FEAT_ARGS[@]}" >&2
 cp "$TARGET/release/examples/bench" "$WORK/bench-nohooks"
-# The float32 kernel this build picked (a system library, or candle's own when none was found). When
-# it is a system library, every float32 plain forward is also timed with NNSCOPE_GEMM=candle: what
-# the default build gives a machine without oneDNN/OpenBLAS.
+# The float32 kernel this build picked (a system library, or nnscope's own when none was found). When
+# it is a system library, every float32 plain forward and the float32 matmul are also timed with
+# NNSCOPE_GEMM=nnscope: what the default build gives a machine without oneDNN/OpenBLAS.
 BACKEND="$("$WORK/bench-hooks" --mode matmul --sizes 64 --warmup 0 --iters 1 | sed -n 's/.*"backend":"\([^"]*\)".*/\1/p' | tail -n 1)"
 log "nnscope float32 matmul backend: ${BACKEND:-unknown}"
 
@@ -156,8 +156,8 @@ run_shape() { # model-dir batch tokens iters
     measure "$WORK/bench-hooks" --mode traced "${common[@]}"
     measure "$PY" "$HERE/bench_py.py" --mode eager "${common[@]}" --threads "$THREADS"
     measure "$PY" "$HERE/bench_py.py" --mode nnsight "${common[@]}" --threads "$THREADS"
-    if [[ "$BACKEND" != candle-gemm ]]; then
-        measure env NNSCOPE_GEMM=candle "$WORK/bench-hooks" --mode plain "${common[@]}"
+    if [[ "$BACKEND" != candle-gemm && "$BACKEND" != nnscope-sgemm ]]; then
+        measure env NNSCOPE_GEMM=nnscope "$WORK/bench-hooks" --mode plain "${common[@]}"
     fi
 }
 
@@ -194,6 +194,9 @@ for round in $(seq 1 "$ROUNDS"); do
     log "matrix-multiply peak (torch) and candle/nnscope's Linear kernel"
     matmul_lines "$PY" "$HERE/bench_py.py" --mode matmul --sizes 512,1024,2048 --iters 10 --threads "$THREADS"
     matmul_lines "$WORK/bench-hooks" --mode matmul --sizes 512,1024,2048 --iters 10
+    if [[ "$BACKEND" != candle-gemm && "$BACKEND" != nnscope-sgemm ]]; then
+        matmul_lines env NNSCOPE_GEMM=nnscope "$WORK/bench-hooks" --mode matmul --sizes 512,1024,2048 --iters 10
+    fi
     log "bfloat16 matrix-multiply peak (torch) and nnscope's bfloat16 Linear kernel"
     matmul_lines "$PY" "$HERE/bench_py.py" --mode matmul --sizes 512,1024,2048 --iters 10 --threads "$THREADS" \
         --dtype bfloat16

@@ -27,6 +27,8 @@ check "$BIN" --mode matmul --sizes 64 --warmup 1 --iters 2 --dtype bf16
 check "$BIN" --mode plain --model "$FIX" --batch 1 --tokens 16 --warmup 1 --iters 2 --dtype bf16
 check "$BIN" --mode traced --model "$FIX" --batch 1 --tokens 16 --warmup 1 --iters 2 --dtype bf16
 check env NNSCOPE_GEMM=candle "$BIN" --mode plain --model "$FIX" --batch 1 --tokens 16 --warmup 1 --iters 2
+check env NNSCOPE_GEMM=nnscope "$BIN" --mode plain --model "$FIX" --batch 1 --tokens 16 --warmup 1 --iters 2
+check env NNSCOPE_GEMM=nnscope "$BIN" --mode matmul --sizes 64,200 --rows 13 --warmup 1 --iters 2
 check "$BIN" --mode traced --model "$ROOT/tests/fixtures/gpt2" --batch 2 --tokens 8 --warmup 1 --iters 3
 check "$BIN" --mode generate --model "$FIX" --batch 2 --tokens 8 --new 4 --warmup 1 --iters 2
 check "$BIN" --mode generate-traced --model "$ROOT/tests/fixtures/gpt2" --batch 2 --tokens 8 --new 4 --warmup 1 --iters 2

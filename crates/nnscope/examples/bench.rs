@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! bench --model DIR --batch B --tokens T --mode plain|traced [--warmup N] [--iters N]
-//! bench --mode matmul --sizes 512,1024,2048 [--iters N]
+//! bench --mode matmul --sizes 512,1024,2048 [--rows M] [--iters N]
 //! bench --model DIR --batch B --tokens T --mode generate|generate-traced|generate-all-logits --new N [--warmup N] [--iters N]
 //! ```
 //!
@@ -58,6 +58,7 @@ struct Args {
     warmup: usize,
     iters: usize,
     sizes: Vec<usize>,
+    rows: Option<usize>,
     dtype: DType,
     new: usize,
 }
@@ -71,6 +72,7 @@ fn parse_args() -> Result<Args, String> {
         warmup: 3,
         iters: 10,
         sizes: vec![512, 1024, 2048],
+        rows: None,
         dtype: DType::F32,
         new: 32,
     };
@@ -93,6 +95,7 @@ fn parse_args() -> Result<Args, String> {
             "--warmup" => a.warmup = num()?,
             "--iters" => a.iters = num()?,
             "--new" => a.new = num()?,
+            "--rows" => a.rows = Some(num()?),
             "--sizes" => {
                 a.sizes = val
                     .split(',')
@@ -179,11 +182,19 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         nnscope::nn::gemm_backend()
     };
+    // `NNSCOPE_GEMM` as set for this process (bench/run.sh sets `nnscope` to time the default build
+    // on a machine without a system library), so the report can tell those rows apart.
+    let forced = match std::env::var("NNSCOPE_GEMM") {
+        Ok(v) if !v.trim().is_empty() => format!("\"{}\"", v.trim().replace(['"', '\\'], "")),
+        _ => "null".into(),
+    };
     if a.mode == "matmul" {
         // The matrix multiply `Linear` uses, on square matrices of `--dtype` (default float32).
         let dt = format!("{:?}", a.dtype);
         for &n in &a.sizes {
-            let x = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?.to_dtype(a.dtype)?;
+            // `--rows M`: an `[M, n]` input instead of a square one (a prompt of M tokens).
+            let m = a.rows.unwrap_or(n);
+            let x = Tensor::randn(0f32, 1.0, (m, n), &Device::Cpu)?.to_dtype(a.dtype)?;
             let w = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?.to_dtype(a.dtype)?;
             // The layout `Linear` keeps its weight in (candle's kernel below uses the plain one).
             let w_lin = nnscope::nn::prepare_linear_weight(w.clone())?;
@@ -191,7 +202,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 let _ = nnscope::nn::linear_matmul(&x, &w_lin)?;
                 Ok(())
             })?;
-            let gflop = 2.0 * (n * n * n) as f64 / 1e9;
+            let (cpu_mn, _) = CPU_STATS.with(|c| c.get());
+            let gflop = 2.0 * (m * n * n) as f64 / 1e9;
             if backend != "candle-gemm" {
                 // candle's own kernel too, for comparison with the system one.
                 let wt = w.t()?;
@@ -205,8 +217,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 );
             }
             println!(
-                "{{\"contender\":\"nnscope\",\"mode\":\"matmul\",\"n\":{n},\"min_ms\":{mn:.3},\"median_ms\":{med:.3},\"gflops\":{:.1},\"threads\":\"{threads}\",\"backend\":\"{backend}\",\"dtype\":\"{dt}\"}}",
-                gflop / (mn / 1e3)
+                "{{\"contender\":\"nnscope\",\"mode\":\"matmul\",\"n\":{n},\"min_ms\":{mn:.3},\"median_ms\":{med:.3},\"gflops\":{:.1},\"cpu_min_ms\":{cpu_mn:.3},\"cpu_gflops\":{:.1},\"gemm_forced\":{forced},\"threads\":\"{threads}\",\"backend\":\"{backend}\",\"dtype\":\"{dt}\"}}",
+                gflop / (mn / 1e3),
+                gflop / (cpu_mn / 1e3)
             );
         }
         return Ok(());
@@ -317,12 +330,6 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         (a, b) => a.or(b),
     });
     let fwd_rss = num(if reset { fwd_peak } else { None });
-    // `NNSCOPE_GEMM` as set for this process (bench/run.sh sets `candle` to time the default build
-    // without a system library), so the report can tell those rows apart.
-    let forced = match std::env::var("NNSCOPE_GEMM") {
-        Ok(v) if !v.trim().is_empty() => format!("\"{}\"", v.trim().replace(['"', '\\'], "")),
-        _ => "null".into(),
-    };
     println!(
         "{{\"contender\":\"nnscope\",\"mode\":\"{}\",\"model\":\"{}\",\"batch\":{},\"tokens\":{},\"iters\":{},\"min_ms\":{mn:.3},\"median_ms\":{med:.3},\"peak_rss_mib\":{rss},\"forward_peak_rss_mib\":{fwd_rss},\"load_ms\":{load_ms:.1},\"instrumented\":{},\"threads\":\"{threads}\",\"backend\":\"{backend}\",\"dtype\":\"{:?}\",\"cpu_min_ms\":{cmin:.3},\"cpu_median_ms\":{cmed:.3},\"gemm_forced\":{forced}{first}}}",
         a.mode,

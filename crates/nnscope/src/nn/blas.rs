@@ -8,11 +8,14 @@
 //!    PyTorch uses): float32 through `dnnl_sgemm`, bfloat16 through `dnnl_gemm_bf16bf16f32`, which
 //!    dispatches to AVX512-BF16/AMX code where the CPU has it;
 //! 2. else OpenBLAS (`libopenblas.so.0`, `libopenblas.so`): float32 through `cblas_sgemm`;
-//! 3. else candle's own kernel, as before. Nothing is needed at build time, so `cargo install` users
+//! 3. else nnscope's own float32 kernel (`nn/gemm_f32.rs`, reported as `nnscope-sgemm`) on x86-64
+//!    CPUs with AVX-512F or AVX2+FMA: oneDNN's sgemm stays first because it was as fast or faster at
+//!    128 rows and more;
+//! 4. else candle's own kernel, as before. Nothing is needed at build time, so `cargo install` users
 //!    get the system kernel without a feature flag.
 //!
-//! `NNSCOPE_GEMM=candle` (or `dnnl`, `openblas`) forces one choice; a forced library that cannot be
-//! loaded falls back to candle's kernel. The cargo features `dnnl`/`openblas` link the library at
+//! `NNSCOPE_GEMM=nnscope` (or `candle`, `dnnl`, `openblas`) forces one choice; a forced kernel that
+//! cannot be loaded falls back to candle's. The cargo features `dnnl`/`openblas` link the library at
 //! build time instead (the build then requires it) and skip the search. Everything that does not suit
 //! the kernel (other dtypes, devices, strided inputs) keeps candle's path.
 //!
@@ -91,6 +94,8 @@ enum Kernel {
     OpenBlas {
         sgemm: CblasSgemm,
     },
+    /// nnscope's own float32 kernel (`nn/gemm_f32.rs`), no system library.
+    Own,
 }
 
 /// A loaded kernel; `_lib` keeps a run-time-loaded library mapped for the life of the process.
@@ -254,6 +259,15 @@ fn load_openblas() -> Option<Loaded> {
     }
 }
 
+/// nnscope's own float32 kernel, when this CPU has the instructions it needs.
+fn load_own() -> Option<Loaded> {
+    super::gemm_f32::available().then_some(Loaded {
+        kernel: Kernel::Own,
+        name: "nnscope",
+        _lib: None,
+    })
+}
+
 /// The kernel of this process, chosen once (see the module docs).
 fn kernel() -> Option<&'static Loaded> {
     static KERNEL: OnceLock<Option<Loaded>> = OnceLock::new();
@@ -268,18 +282,23 @@ fn kernel() -> Option<&'static Loaded> {
                 "openblas" => linked_kernel()
                     .filter(|k| k.name == "openblas")
                     .or_else(load_openblas),
-                _ => linked_kernel().or_else(load_dnnl).or_else(load_openblas),
+                "nnscope" | "native" => load_own(),
+                _ => linked_kernel()
+                    .or_else(load_dnnl)
+                    .or_else(load_openblas)
+                    .or_else(load_own),
             }
         })
         .as_ref()
 }
 
 /// Name of the kernel `Linear` uses for float32 CPU products in this process (`onednn-sgemm`,
-/// `openblas-sgemm` or `candle-gemm`).
+/// `openblas-sgemm`, `nnscope-sgemm` or `candle-gemm`).
 pub fn backend() -> &'static str {
     match kernel().map(|k| k.kernel) {
         Some(Kernel::Dnnl { .. }) => "onednn-sgemm",
         Some(Kernel::OpenBlas { .. }) => "openblas-sgemm",
+        Some(Kernel::Own) => super::gemm_f32::NAME,
         None => "candle-gemm",
     }
 }
@@ -383,6 +402,7 @@ impl GemmElem for f32 {
                     ldb as i32, 0.0, c, ldc as i32,
                 );
             }
+            Some(Kernel::Own) => super::gemm_f32::sgemm(m, nc, k, a, b, ldb, trans_b, c, ldc),
             None => candle_core::bail!("sgemm: no system kernel loaded"),
         }
         Ok(())
@@ -670,10 +690,11 @@ pub(crate) fn prepare_conv1d_weight(w: Tensor) -> candle_core::Result<(Tensor, T
 }
 
 /// A `Linear` weight `[out, in]` in the layout the system kernel is fastest with, prepared once at
-/// load: with a system kernel, float32 CPU weights are stored transposed
+/// load: with a system kernel or nnscope's own, float32 CPU weights are stored transposed
 /// (`[in, out]` contiguous) and returned as the `[out, in]` view of that storage, so shape and values
 /// are unchanged. oneDNN's sgemm reads `x W` about 3x faster than `x W^T` at 16 tokens (it re-packs
-/// a transposed weight on every call) and 1.3x faster at 128. Otherwise the weight is returned as is.
+/// a transposed weight on every call) and 1.3x faster at 128; nnscope's kernel reads `x W` in place.
+/// Otherwise the weight is returned as is.
 pub(crate) fn prepare_weight(w: Tensor) -> candle_core::Result<Tensor> {
     // float32 only: oneDNN's bfloat16 (AMX) GEMM was faster with the weight as stored, `x W^T`
     // (LLaMA-246M bfloat16 forward, 2 threads: 1x16 44 -> 34 ms, 1x128 136-139 -> 120-127 ms,

@@ -43,7 +43,8 @@ impl Linear {
 
 /// Which matrix-multiply kernel `Linear`/`Conv1D` use for float32 on the CPU in this process:
 /// `onednn-sgemm` or `openblas-sgemm` when a system library was found at run time (or linked with
-/// the `dnnl`/`openblas` features), `candle-gemm` otherwise (see `NNSCOPE_GEMM` in the README).
+/// the `dnnl`/`openblas` features), else `nnscope-sgemm` (nnscope's own kernel, on x86-64 CPUs with
+/// AVX-512F or AVX2+FMA), else `candle-gemm` (see `NNSCOPE_GEMM` in the README).
 pub fn gemm_backend() -> &'static str {
     super::blas::backend()
 }

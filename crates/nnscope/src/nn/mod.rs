@@ -11,6 +11,7 @@ mod builder;
 mod cache;
 mod cpu;
 pub mod functional;
+mod gemm_f32;
 mod gemma_norm;
 mod layers;
 pub mod mask;
