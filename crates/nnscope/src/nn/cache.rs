@@ -249,17 +249,8 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device};
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
     }
 
     /// In-place buffers give what concatenation gives, whether they were sized up front, grow, or
@@ -283,17 +274,17 @@ mod tests {
                 let (ck, cv) = cache.update(&k, &v, 1)?;
                 let (ek, ev) = (Tensor::cat(&all_k, 2)?, Tensor::cat(&all_v, 2)?);
                 assert_eq!(ck.dims(), ek.dims(), "step {step}, reserve {reserve:?}");
-                assert_eq!(max_diff(&ck, &ek), 0.0);
-                assert_eq!(max_diff(&cv, &ev), 0.0);
+                assert_eq!(max_diff(&ck, &ek)?, 0.0);
+                assert_eq!(max_diff(&cv, &ev)?, 0.0);
                 assert_eq!(cache.seq_len(), ek.dim(2)?);
                 let (lk, _) = cache.layer(1).expect("layer 1 cached");
-                assert_eq!(max_diff(&lk, &ek), 0.0);
+                assert_eq!(max_diff(&lk, &ek)?, 0.0);
                 earlier.push((ek.clone(), ck.copy()?));
                 earlier.push((ek, ck));
             }
             for (expected, view) in &earlier {
                 assert_eq!(
-                    max_diff(view, expected),
+                    max_diff(view, expected)?,
                     0.0,
                     "a view changed after later steps"
                 );
@@ -315,8 +306,8 @@ mod tests {
         let k1 = Tensor::randn(0f32, 1., (2, 2, 1, 4), &dev)?;
         let (k, v) = cache.update(&k1, &k1, 0)?;
         let expected = Tensor::cat(&[&k0.index_select(&rows, 0)?, &k1], 2)?;
-        assert_eq!(max_diff(&k, &expected), 0.0);
-        assert_eq!(max_diff(&v, &expected), 0.0);
+        assert_eq!(max_diff(&k, &expected)?, 0.0);
+        assert_eq!(max_diff(&v, &expected)?, 0.0);
         // Keys that cannot follow the cached ones are an error, as concatenating them was.
         let k2 = Tensor::randn(0f32, 1., (2, 2, 1, 4), &dev)?.to_dtype(DType::F64)?;
         assert!(cache.update(&k2, &k2, 0).is_err());
