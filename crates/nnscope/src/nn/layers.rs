@@ -341,12 +341,7 @@ fn rms_norm_f32(x: &Tensor, w: &Tensor, eps: f64) -> Result<Option<Tensor>> {
         Some(&d) if d > 0 => d,
         _ => return Ok(None),
     };
-    if x.dtype() == DType::BF16 && w.dtype() == DType::BF16 {
-        return rms_norm_bf16(x, w, eps, dim);
-    }
-    if x.dtype() != DType::F32
-        || w.dtype() != DType::F32
-        || !x.device().is_cpu()
+    if !x.device().is_cpu()
         || !w.device().is_cpu()
         || w.dims() != [dim]
         || !x.is_contiguous()
@@ -354,6 +349,11 @@ fn rms_norm_f32(x: &Tensor, w: &Tensor, eps: f64) -> Result<Option<Tensor>> {
         || w.track_op()
     {
         return Ok(None);
+    }
+    match (x.dtype(), w.dtype()) {
+        (DType::F32, DType::F32) => {}
+        (DType::BF16, DType::BF16) => return rms_norm_bf16(x, w, eps, dim),
+        _ => return Ok(None),
     }
     let ws = w.to_vec1::<f32>()?;
     let (storage, layout) = x.storage_and_layout();
@@ -401,18 +401,10 @@ fn rms_norm_f32(x: &Tensor, w: &Tensor, eps: f64) -> Result<Option<Tensor>> {
 
 /// [`rms_norm_f32`] for bfloat16 `x` and `w`, rounding where the op-by-op version (and transformers)
 /// round: the normalized row in float32 is rounded to bfloat16, then multiplied by the weight and
-/// rounded again. Rows run through an AVX2 build where the CPU has it.
+/// rounded again. Rows run through an AVX2 build where the CPU has it. The caller has checked the
+/// device, shapes and layout.
 fn rms_norm_bf16(x: &Tensor, w: &Tensor, eps: f64, dim: usize) -> Result<Option<Tensor>> {
     use super::ops::{narrow, widen};
-    if !x.device().is_cpu()
-        || !w.device().is_cpu()
-        || w.dims() != [dim]
-        || !x.is_contiguous()
-        || x.track_op()
-        || w.track_op()
-    {
-        return Ok(None);
-    }
     let ws: Vec<f32> = w
         .to_vec1::<half::bf16>()?
         .iter()
