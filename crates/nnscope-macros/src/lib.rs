@@ -23,6 +23,10 @@
 //!   `Some(..)`, any path whose last segment starts with a capital letter) are not hookpoints.
 //! - Methods whose result type is only known from later use (`collect`, `into`, `parse`, ...) are left
 //!   alone, since wrapping them would break type inference.
+//!
+//! One call is also redirected: `x.matmul(y)` (a hookpoint named as above) runs
+//! `nnscope::nn::ops::matmul(&x, y)`, candle's product with a faster kernel for bfloat16 on CPUs
+//! with AMX, so receivers of `.matmul` in instrumented code must be tensors.
 
 use proc_macro::TokenStream;
 use proc_macro2::{Span, TokenStream as TokenStream2};
@@ -242,7 +246,14 @@ impl VisitMut for Rewriter {
                     None
                 };
                 mark_pending(mc.args.iter_mut().collect(), recv, site);
-                let inner = Expr::MethodCall(mc.clone());
+                let inner = if method == "matmul" && mc.args.len() == 1 {
+                    // Same product, through nnscope's kernel where it has a faster one (see
+                    // `nnscope::nn::ops::matmul`). Receiver first, then the argument, as before.
+                    let (r, a) = (&mc.receiver, &mc.args[0]);
+                    syn::parse_quote_spanned!(span=> ::nnscope::__rt::matmul(&(#r), #a))
+                } else {
+                    Expr::MethodCall(mc.clone())
+                };
                 *e = probe_expr(inner, site, &self.info, span);
             }
             _ => visit_mut::visit_expr_mut(self, e),

@@ -51,6 +51,7 @@ pub use trace::{Plan, StepOutput, Steps};
 /// What `#[hooked]` code calls at run time. Not a public API.
 #[doc(hidden)]
 pub mod __rt {
+    pub use crate::nn::ops::matmul;
     pub use crate::trace::rt::*;
     pub use candle_core::Tensor;
 }

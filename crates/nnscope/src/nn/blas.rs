@@ -22,7 +22,7 @@
 //! The libraries run single-threaded; products are split by output columns over candle's own CPU
 //! worker pool (`RAYON_NUM_THREADS` threads), so every kernel in a forward shares one pool.
 
-use candle_core::{DType, Tensor};
+use candle_core::{CpuStorage, DType, Storage, Tensor};
 use std::os::raw::{c_char, c_float, c_int};
 use std::sync::OnceLock;
 
@@ -798,6 +798,93 @@ fn matmul_nt_with(x: &Tensor, w: &Tensor, f32_out: bool) -> candle_core::Result<
         return Ok(None);
     }
     x.apply_op2_no_bwd(w, &MatmulNt { f32_out }).map(Some)
+}
+
+/// A batch of float32 products `a_i [m, k] * b_i` for `a` `[.., m, k]` and `b` `[.., k, n]` with
+/// equal batch dimensions (attention's `q @ k^T` and `p @ v`) through the system kernel, one
+/// product per task on the worker pool. `b` is read in place when it is contiguous or a transposed
+/// view of a contiguous `[.., n, k]` (`k.transpose(-1, -2)`). `None` means: use candle's matmul
+/// (no kernel, other dtypes or devices, a gradient path, shapes candle would reject).
+pub(crate) fn batched_matmul_f32(a: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let (ad, bd) = (a.dims(), b.dims());
+    let r = ad.len();
+    let suits = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && !t.track_op();
+    if !suits(a)
+        || !suits(b)
+        || !kernel_takes(DType::F32)
+        || r < 2
+        || bd.len() != r
+        || ad[..r - 2] != bd[..r - 2]
+        || ad[r - 1] != bd[r - 2]
+    {
+        return Ok(None);
+    }
+    let (m, k, n) = (ad[r - 2], ad[r - 1], bd[r - 1]);
+    let batch: usize = ad[..r - 2].iter().product();
+    let a = a.contiguous()?;
+    let bt = b.transpose(r - 2, r - 1)?;
+    let (b, trans_b) = if bt.is_contiguous() {
+        (bt, true)
+    } else {
+        (b.contiguous()?, false)
+    };
+    let mut c = vec![0f32; batch * m * n];
+    {
+        let (ag, al) = a.storage_and_layout();
+        let (bg, bl) = b.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::F32(av)), Storage::Cpu(CpuStorage::F32(bv))) = (&*ag, &*bg)
+        else {
+            return Ok(None);
+        };
+        let (Some((a0, _)), Some((b0, _))) = (al.contiguous_offsets(), bl.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        let (av, bv) = (&av[a0..a0 + batch * m * k], &bv[b0..b0 + batch * n * k]);
+        if batch == 1 || batch * m * n * k < 1 << 20 {
+            for ((ai, bi), ci) in av
+                .chunks_exact(m * k)
+                .zip(bv.chunks_exact(n * k))
+                .zip(c.chunks_exact_mut(m * n))
+            {
+                gemm(m, n, k, ai, bi, trans_b, ci)?;
+            }
+        } else {
+            let cp = super::cpu::SendPtr(c.as_mut_ptr());
+            let (ap, bp) = (ConstPtr(av.as_ptr()), ConstPtr(bv.as_ptr()));
+            let err = std::sync::Mutex::new(None);
+            super::cpu::par_for(batch, |range| {
+                for i in range {
+                    // SAFETY: product `i` reads its own `m * k` and `n * k` elements (inside the
+                    // slices above) and alone writes its `m * n` elements of `c`.
+                    let res = unsafe {
+                        f32::gemm_raw(
+                            m,
+                            n,
+                            k,
+                            ap.get().add(i * m * k),
+                            bp.get().add(i * n * k),
+                            if trans_b { k } else { n },
+                            trans_b,
+                            cp.get().add(i * m * n),
+                            n,
+                        )
+                    };
+                    if let Err(e) = res {
+                        if let Ok(mut slot) = err.lock() {
+                            *slot = Some(e);
+                        }
+                    }
+                }
+            });
+            if let Ok(Some(e)) = err.into_inner() {
+                return Err(e);
+            }
+        }
+    }
+    let mut dims = ad[..r - 2].to_vec();
+    dims.extend([m, n]);
+    Tensor::from_vec(c, dims, a.device()).map(Some)
 }
 
 #[cfg(test)]

@@ -4,14 +4,20 @@
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 
 /// A pointer that may cross threads: each task writes its own disjoint part of an output buffer.
-#[derive(Clone, Copy)]
-pub(crate) struct SendPtr(pub(crate) *mut f32);
-// SAFETY: the tasks given a `SendPtr` write disjoint ranges of the buffer (see the callers).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
+pub(crate) struct SendPtr<T = f32>(pub(crate) *mut T);
+impl<T> Clone for SendPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SendPtr<T> {}
+// SAFETY: the tasks given a `SendPtr` write disjoint ranges of the buffer, or only read it (see
+// the callers).
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+impl<T> SendPtr<T> {
     /// The pointer. A method (not a field read) so that closures capture the whole `Send` wrapper.
-    pub(crate) fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut T {
         self.0
     }
 }

@@ -40,6 +40,72 @@ pub fn scale(x: &Tensor, s: f64) -> Result<Tensor> {
     x.apply_op1_no_bwd(&Bf16Scale(s as f32, Op::Mul))
 }
 
+/// `a @ b`: `torch.matmul` for tensors of two or more dimensions with equal batch dimensions (what
+/// candle's `Tensor::matmul` takes; anything else goes to it unchanged, errors included).
+///
+/// `#[hooked]` sends every method call `x.matmul(y)` here (the hookpoint keeps its name). bfloat16
+/// CPU tensors are multiplied by the AMX kernel where the CPU has one ([`super::amx`]), one product
+/// per head spread over the worker pool: candle 0.11 widens bfloat16 to float32 for every CPU
+/// matmul, zero-fills the output and runs the `gemm` crate on a second thread pool that competes
+/// with the first, which made attention's two products 15% of a bfloat16 LLaMA forward at 8 x 128
+/// tokens (`perf`). The result is the float32 accumulation rounded once, as candle's and torch's.
+/// float32 products go through the system kernel `Linear` uses ([`super::blas`]) on the same pool,
+/// for the same reason.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if let Some(c) = super::blas::batched_matmul_f32(a, b)? {
+        return Ok(c);
+    }
+    let fast = a.dtype() == DType::BF16
+        && b.dtype() == DType::BF16
+        && a.device().is_cpu()
+        && b.device().is_cpu()
+        && !a.track_op()
+        && !b.track_op()
+        && super::amx::available();
+    let (ad, bd) = (a.dims(), b.dims());
+    let r = ad.len();
+    if !fast || r < 2 || bd.len() != r || ad[..r - 2] != bd[..r - 2] || ad[r - 1] != bd[r - 2] {
+        return a.matmul(b);
+    }
+    // The kernel takes `b` transposed, `[.., n, k]` with rows contiguous: for `q @ k.transpose()`
+    // that is `k` itself, no copy.
+    let bt = b.transpose(r - 2, r - 1)?.contiguous()?;
+    a.contiguous()?.apply_op2_no_bwd(&bt, &Bf16MatmulNt)
+}
+
+/// `a [.., m, k] * b [.., n, k]^T` for contiguous bfloat16 CPU tensors on AMX (see [`matmul`]).
+struct Bf16MatmulNt;
+
+impl candle_core::CustomOp2 for Bf16MatmulNt {
+    fn name(&self) -> &'static str {
+        "ops-matmul-bf16-amx"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::BF16(av), CpuStorage::BF16(bv)) = (a, b) else {
+            candle_core::bail!("ops-matmul-bf16-amx: bfloat16 operands only");
+        };
+        let (Some((a0, a1)), Some((b0, b1))) = (al.contiguous_offsets(), bl.contiguous_offsets())
+        else {
+            candle_core::bail!("ops-matmul-bf16-amx: contiguous operands only");
+        };
+        let (ad, bd) = (al.dims(), bl.dims());
+        let r = ad.len();
+        let (m, k, n) = (ad[r - 2], ad[r - 1], bd[r - 2]);
+        let batch: usize = ad[..r - 2].iter().product();
+        let c = super::amx::batched_matmul_nt(batch, (m, n, k), &av[a0..a1], &bv[b0..b1])?;
+        let mut dims = ad[..r - 2].to_vec();
+        dims.extend([m, n]);
+        Ok((CpuStorage::BF16(c), Shape::from(dims)))
+    }
+}
+
 /// `x / s` for a Python float `s` (Gemma's soft-capping): a true division in float32, as torch
 /// does, where candle's `x / s` multiplies by `1 / s` (rounded to bfloat16 for bfloat16 tensors).
 pub fn div_scalar(x: &Tensor, s: f64) -> Result<Tensor> {
@@ -365,6 +431,52 @@ fn row(op: Op, x: &[u16], o1: usize, i1: usize, y: &[u16], o2: usize, i2: usize,
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// `matmul` on bfloat16 (the AMX kernel where the CPU has one) against the float32 product of
+    /// the same values rounded once: attention's two shapes (`q @ k^T` with `k` transposed as a
+    /// view, `p @ v` with `v` contiguous), one batch of one, and float32 calls (both layouts of `b`).
+    #[test]
+    fn matmul_is_the_float32_product_rounded_once() -> Result<()> {
+        let dev = Device::Cpu;
+        let bf = |t: Tensor| t.to_dtype(DType::BF16);
+        // 2 x 5 heads of 67 tokens: enough work to be split over the worker pool.
+        let q = bf(Tensor::randn(0f32, 1., (2, 5, 67, 64), &dev)?)?;
+        let k = bf(Tensor::randn(0f32, 1., (2, 5, 67, 64), &dev)?)?;
+        let p = bf(Tensor::rand(0f32, 1., (2, 5, 67, 67), &dev)?)?;
+        let one = bf(Tensor::randn(0f32, 1., (1, 130, 48), &dev)?)?;
+        let w = bf(Tensor::randn(0f32, 1., (1, 48, 20), &dev)?)?;
+        for (a, b) in [(&q, &k.transpose(2, 3)?), (&p, &k), (&one, &w)] {
+            let got = matmul(a, b)?;
+            let want = a.to_dtype(DType::F32)?.matmul(&b.to_dtype(DType::F32)?)?;
+            assert_eq!(got.dims(), want.dims());
+            assert_eq!(got.dtype(), DType::BF16);
+            let (got, want) = (
+                got.to_dtype(DType::F32)?,
+                want.flatten_all()?.to_vec1::<f32>()?,
+            );
+            for (g, w) in got.flatten_all()?.to_vec1::<f32>()?.iter().zip(&want) {
+                // One rounding of a float32 sum (whose order may differ): within a bfloat16 unit.
+                assert!((g - w).abs() <= w.abs() / 128.0 + 1e-6, "{g} vs {w}");
+            }
+        }
+        let f = Tensor::randn(0f32, 1., (8, 67, 64), &dev)?;
+        let g = Tensor::randn(0f32, 1., (8, 64, 35), &dev)?;
+        // float32: the system kernel where there is one (summation order may differ from candle's).
+        let diff = (matmul(&f, &g)? - f.matmul(&g)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff <= 1e-5, "{diff}");
+        let ft = Tensor::randn(0f32, 1., (8, 35, 64), &dev)?;
+        let diff = (matmul(&f, &ft.transpose(1, 2)?)? - f.matmul(&ft.transpose(1, 2)?)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff <= 1e-5, "{diff}");
+        // Mismatched shapes keep candle's error.
+        assert!(matmul(&q, &q).is_err());
+        Ok(())
+    }
 
     /// Against candle's own bfloat16 ops (the same float32-then-round arithmetic), with broadcasts
     /// in every position and a non-contiguous operand.
