@@ -806,21 +806,14 @@ fn matmul_nt_with(x: &Tensor, w: &Tensor, f32_out: bool) -> candle_core::Result<
 /// view of a contiguous `[.., n, k]` (`k.transpose(-1, -2)`). `None` means: use candle's matmul
 /// (no kernel, other dtypes or devices, a gradient path, shapes candle would reject).
 pub(crate) fn batched_matmul_f32(a: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    let (ad, bd) = (a.dims(), b.dims());
-    let r = ad.len();
     let suits = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && !t.track_op();
-    if !suits(a)
-        || !suits(b)
-        || !kernel_takes(DType::F32)
-        || r < 2
-        || bd.len() != r
-        || ad[..r - 2] != bd[..r - 2]
-        || ad[r - 1] != bd[r - 2]
-    {
+    if !suits(a) || !suits(b) || !kernel_takes(DType::F32) {
         return Ok(None);
     }
-    let (m, k, n) = (ad[r - 2], ad[r - 1], bd[r - 1]);
-    let batch: usize = ad[..r - 2].iter().product();
+    let Some((batch, m, k, n)) = super::ops::batched_dims(a, b) else {
+        return Ok(None);
+    };
+    let r = a.rank();
     let a = a.contiguous()?;
     let bt = b.transpose(r - 2, r - 1)?;
     let (b, trans_b) = if bt.is_contiguous() {
@@ -882,7 +875,7 @@ pub(crate) fn batched_matmul_f32(a: &Tensor, b: &Tensor) -> candle_core::Result<
             }
         }
     }
-    let mut dims = ad[..r - 2].to_vec();
+    let mut dims = a.dims()[..r - 2].to_vec();
     dims.extend([m, n]);
     Tensor::from_vec(c, dims, a.device()).map(Some)
 }

@@ -62,15 +62,30 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         && !a.track_op()
         && !b.track_op()
         && super::amx::available();
-    let (ad, bd) = (a.dims(), b.dims());
-    let r = ad.len();
-    if !fast || r < 2 || bd.len() != r || ad[..r - 2] != bd[..r - 2] || ad[r - 1] != bd[r - 2] {
+    if !fast || batched_dims(a, b).is_none() {
         return a.matmul(b);
     }
     // The kernel takes `b` transposed, `[.., n, k]` with rows contiguous: for `q @ k.transpose()`
     // that is `k` itself, no copy.
+    let r = a.rank();
     let bt = b.transpose(r - 2, r - 1)?.contiguous()?;
     a.contiguous()?.apply_op2_no_bwd(&bt, &Bf16MatmulNt)
+}
+
+/// `(batch, m, k, n)` when `a [.., m, k] @ b [.., k, n]` is a product candle's `matmul` takes:
+/// two or more dimensions, equal batch dimensions (their product is `batch`). `None` otherwise.
+pub(crate) fn batched_dims(a: &Tensor, b: &Tensor) -> Option<(usize, usize, usize, usize)> {
+    let (ad, bd) = (a.dims(), b.dims());
+    let r = ad.len();
+    if r < 2 || bd.len() != r || ad[..r - 2] != bd[..r - 2] || ad[r - 1] != bd[r - 2] {
+        return None;
+    }
+    Some((
+        ad[..r - 2].iter().product(),
+        ad[r - 2],
+        ad[r - 1],
+        bd[r - 1],
+    ))
 }
 
 /// `a [.., m, k] * b [.., n, k]^T` for contiguous bfloat16 CPU tensors on AMX (see [`matmul`]).
