@@ -813,6 +813,9 @@ pub(crate) fn batched_matmul_f32(a: &Tensor, b: &Tensor) -> candle_core::Result<
     let Some((batch, m, k, n)) = super::ops::batched_dims(a, b) else {
         return Ok(None);
     };
+    if m < super::ops::MATMUL_MIN_ROWS {
+        return Ok(None);
+    }
     let r = a.rank();
     let a = a.contiguous()?;
     let bt = b.transpose(r - 2, r - 1)?;

@@ -62,7 +62,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         && !a.track_op()
         && !b.track_op()
         && super::amx::available();
-    if !fast || batched_dims(a, b).is_none() {
+    if !fast || !matches!(batched_dims(a, b), Some((_, m, _, _)) if m >= MATMUL_MIN_ROWS) {
         return a.matmul(b);
     }
     // The kernel takes `b` transposed, `[.., n, k]` with rows contiguous: for `q @ k.transpose()`
@@ -71,6 +71,12 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let bt = b.transpose(r - 2, r - 1)?.contiguous()?;
     a.contiguous()?.apply_op2_no_bwd(&bt, &Bf16MatmulNt)
 }
+
+/// Fewest rows (`m`) for which [`matmul`] leaves candle's kernel. A decode step multiplies one
+/// query row per head against the key/value cache, which is a strided view of a larger buffer:
+/// candle reads it in place, while the kernels here would first copy it (measured: GPT-2 batch 8
+/// generation 30% slower); with one row per head there is little product to speed up anyway.
+pub(crate) const MATMUL_MIN_ROWS: usize = 16;
 
 /// `(batch, m, k, n)` when `a [.., m, k] @ b [.., k, n]` is a product candle's `matmul` takes:
 /// two or more dimensions, equal batch dimensions (their product is `batch`). `None` otherwise.
